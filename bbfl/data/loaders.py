@@ -1,0 +1,279 @@
+"""Loading tasks from local files (jsonl/json/csv/tsv), the bundled demo, or the `datasets` hub."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from bbfl.data.registry import TASKS, TaskSpec
+from bbfl.data.task import Split, Task
+from bbfl.exceptions import DataError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+SPEC_KEYS = {
+    "labels",
+    "label_words",
+    "label_descriptions",
+    "template",
+    "encoder_template",
+    "loss",
+    "text_col",
+    "pair_col",
+    "label_col",
+}
+
+
+def read_records(
+    path: str | Path, *, text_col: str = "text", pair_col: str | None = None, label_col: str = "label"
+) -> list[dict]:
+    """Rows of a data file as ``{"text", "label"[, "text_pair"]}`` dicts, checked for the columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix not in SUFFIXES:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    wanted = [text_col, label_col] + ([pair_col] if pair_col else [])
+    missing = [c for c in wanted if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns found: {sorted(rows[0])}")
+    out = []
+    for i, row in enumerate(rows, 1):
+        text = row.get(text_col)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: row {i} has an empty or non-text {text_col!r}: {text!r}")
+        rec = {"text": text, "label": row.get(label_col)}
+        if pair_col:
+            rec["text_pair"] = str(row.get(pair_col) or "")
+        out.append(rec)
+    return out
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(rows[-1], dict):
+                raise DataError(f"{path}: line {i} should be a JSON object, got {type(rows[-1]).__name__}")
+        return rows
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8") or "[]")
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
+def records_to_split(records: list[dict], labels: list[str], path: str | Path) -> Split:
+    """Map labels (class index or class name) to ids; anything else is an error naming the value."""
+    index = {name: i for i, name in enumerate(labels)}
+    ids = []
+    for i, rec in enumerate(records, 1):
+        value = rec["label"]
+        if isinstance(value, str) and value in index:
+            ids.append(index[value])
+            continue
+        try:
+            k = int(value)
+        except (TypeError, ValueError):
+            k = -1
+        if not (0 <= k < len(labels)) or (isinstance(value, float) and value != k):
+            raise DataError(
+                f"{path}: row {i} has unknown label {value!r}; expected one of {labels} "
+                f"or an index 0..{len(labels) - 1}"
+            )
+        ids.append(k)
+    pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
+    return Split([r["text"] for r in records], np.array(ids), pairs)
+
+
+def load_task(
+    name: str | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    spec: TaskSpec | None = None,
+    spec_file: str | Path | None = None,
+    **overrides: Any,
+) -> Task:
+    """Build a :class:`Task` from a known name, local files, the bundled demo or the hub.
+
+    ``data_dir`` (or ``$BBFL_DATA_DIR``) holds ``train.*``, optional ``test.*`` and ``labels.json``.
+    A name that is not registered needs ``data_dir``; ``spec_file`` (TOML) and ``overrides`` set
+    labels, label_words, label_descriptions, template, encoder_template, loss and column names.
+    """
+    name = name or "demo"
+    fields = _spec_fields(name, spec, spec_file, overrides)
+    cols = {
+        "text_col": fields.pop("text_col", "text"),
+        "pair_col": fields.pop("pair_col", None),
+        "label_col": fields.pop("label_col", "label"),
+    }
+    folder = _resolve_dir(name, data_dir)
+    if folder is not None:
+        train_rec, test_rec, file_labels = _read_folder(folder, cols)
+        source = folder
+    elif name == "demo":
+        pkg = resources.files("bbfl.data")
+        with resources.as_file(pkg / "demo.jsonl") as tr, resources.as_file(pkg / "demo_test.jsonl") as te:
+            train_rec, test_rec, file_labels = read_records(tr), read_records(te), None
+            source = Path(str(tr)).parent
+    elif name in TASKS:
+        return _load_from_hub(TASKS[name], fields)
+    else:
+        raise DataError(f"unknown task {name!r} and no --data-dir; known tasks: {', '.join(TASKS)}")
+    labels = fields.get("labels") or file_labels or _infer_labels(train_rec, source)
+    fields["labels"] = list(labels)
+    _fill_defaults(fields)
+    _validate(fields, source)
+    train = records_to_split(train_rec, fields["labels"], source / "train")
+    test = records_to_split(test_rec, fields["labels"], source / "test") if test_rec else None
+    return Task(name=name, train=train, test=test, **fields)
+
+
+def _spec_fields(name, spec, spec_file, overrides) -> dict:
+    base = spec or TASKS.get(name)
+    fields: dict[str, Any] = {}
+    if base is not None:
+        fields = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in vars(base).items()
+            if k in ("labels", "label_words", "label_descriptions", "template", "encoder_template", "loss")
+        }
+        if base.hub_columns.get("text_pair") and "text_pair" in base.hub_columns:
+            fields["pair_col"] = "text_pair"
+    if spec_file is not None:
+        path = Path(spec_file)
+        if not path.is_file():
+            raise DataError(f"{path}: task spec file not found")
+        try:
+            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise DataError(f"{path}: not valid TOML ({exc})") from exc
+        unknown = set(loaded) - SPEC_KEYS
+        if unknown:
+            raise DataError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")
+        fields.update(loaded)
+    unknown = set(overrides) - SPEC_KEYS
+    if unknown:
+        raise DataError(f"unknown task option(s) {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return fields
+
+
+def _resolve_dir(name: str, data_dir) -> Path | None:
+    if data_dir is not None:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise DataError(f"--data-dir {path}: not a directory")
+        return path
+    env = os.environ.get("BBFL_DATA_DIR")
+    if env:
+        for candidate in (Path(env) / name, Path(env)):
+            if any((candidate / f"train{s}").is_file() for s in SUFFIXES):
+                return candidate
+    return None
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    found = [folder / f"{stem}{s}" for s in SUFFIXES if (folder / f"{stem}{s}").is_file()]
+    return found[0] if found else None
+
+
+def _read_folder(folder: Path, cols: dict) -> tuple[list[dict], list[dict] | None, list[str] | None]:
+    train = _find(folder, "train")
+    if train is None:
+        raise DataError(f"{folder}: no train file; expected one of " + ", ".join(f"train{s}" for s in SUFFIXES))
+    pair_col = cols["pair_col"]
+    if pair_col == "text_pair" and train.suffix == ".jsonl":
+        first = json.loads(train.open(encoding="utf-8").readline() or "{}")
+        pair_col = pair_col if "text_pair" in first else None
+    kw = dict(text_col=cols["text_col"], pair_col=pair_col, label_col=cols["label_col"])
+    test = _find(folder, "test")
+    labels_file = folder / "labels.json"
+    labels = None
+    if labels_file.is_file():
+        labels = json.loads(labels_file.read_text(encoding="utf-8"))
+        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            raise DataError(f"{labels_file}: expected a JSON list of class names, got {labels!r}")
+    return read_records(train, **kw), (read_records(test, **kw) if test else None), labels
+
+
+def _infer_labels(records: list[dict], source: Path) -> list[str]:
+    values = {r["label"] for r in records}
+    if all(isinstance(v, str) and not v.lstrip("-").isdigit() for v in values):
+        return sorted(values)
+    try:
+        n = max(int(v) for v in values) + 1
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{source}: cannot infer class names from labels {sorted(map(str, values))[:10]}; give `labels` in a spec"
+        ) from exc
+    return [str(i) for i in range(n)]
+
+
+def _fill_defaults(fields: dict) -> None:
+    fields.setdefault("label_words", list(fields["labels"]))
+    fields.setdefault("label_descriptions", list(fields["labels"]))
+    fields.setdefault("template", "{text} . {mask} .")
+    fields.setdefault("encoder_template", "{text}")
+    fields.setdefault("loss", "ce")
+
+
+def _validate(fields: dict, source: Path) -> None:
+    n = len(fields["labels"])
+    for key in ("label_words", "label_descriptions"):
+        if len(fields[key]) != n:
+            raise DataError(
+                f"{source}: {key} has {len(fields[key])} entries {fields[key]} but there are {n} "
+                f"classes {fields['labels']}"
+            )
+    if "{text}" not in fields["template"] or "{mask}" not in fields["template"]:
+        raise DataError(f"template {fields['template']!r} must contain {{text}} and {{mask}}")
+    if "{text}" not in fields["encoder_template"]:
+        raise DataError(f"encoder_template {fields['encoder_template']!r} must contain {{text}}")
+    if fields["loss"] not in ("ce", "hinge"):
+        raise DataError(f"loss {fields['loss']!r} must be 'ce' or 'hinge'")
+
+
+def _load_from_hub(spec: TaskSpec, fields: dict) -> Task:
+    """Load a registered task through `datasets` (needs the `hub` extra and a network)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            f"task {spec.name!r}: no --data-dir given and `datasets` is not installed "
+            "(pip install 'bbfl[hub]'), so it cannot be downloaded"
+        ) from exc
+    try:
+        ds = datasets.load_dataset(*spec.hub)
+    except Exception as exc:  # network / hub errors come in many types
+        raise DataError(
+            f"task {spec.name!r}: could not load {spec.hub} from the hub ({exc}); pass --data-dir with local files"
+        ) from exc
+    c = spec.hub_columns
+
+    def to_split(part) -> Split:
+        pairs = list(part[c["text_pair"]]) if "text_pair" in c else None
+        return Split(list(part[c["text"]]), np.array(part[c["label"]]), pairs)
+
+    fields = {k: v for k, v in fields.items() if k not in ("text_col", "pair_col", "label_col")}
+    return Task(name=spec.name, train=to_split(ds["train"]), test=to_split(ds[spec.hub_test_split]), **fields)

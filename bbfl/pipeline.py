@@ -1,0 +1,205 @@
+"""End-to-end experiments that the CLI and the examples call: data -> black box -> method -> run dir.
+
+>>> # python -c "from bbfl.pipeline import run_bbt_experiment; ..."  (see examples/bbt_sst2.py)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bbfl.blackbox import LocalBlackBox
+from bbfl.data import Split, Task, few_shot, load_task
+from bbfl.exceptions import DataError
+from bbfl.methods.bbt import BBTConfig, SubspaceProjection, evaluate_prompt, run_bbt
+from bbfl.methods.prompt_tuning import PromptTuningConfig, tune_prompt_whitebox
+from bbfl.report import RunDir, save_arrays
+
+
+@dataclass
+class DataConfig:
+    task: str = "demo"
+    data_dir: str | None = None
+    spec_file: str | None = None
+    k_shot: int = 16
+    test_limit: int | None = None  # score only the first N test examples (fast smoke runs)
+    spec_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlackBoxConfig:
+    model: str | None = None
+    head: str = "auto"
+    device: str = "cpu"
+    dtype: str = "float32"
+    prompt_attention: str = "auto"
+    max_length: int = 128
+    max_tokens: int = 32768
+
+    def build(self) -> LocalBlackBox:
+        return LocalBlackBox(
+            self.model,
+            head=self.head,
+            device=self.device,
+            dtype=self.dtype,
+            prompt_attention=self.prompt_attention,
+            max_length=self.max_length,
+            max_tokens=self.max_tokens,
+        )
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> tuple[Task, Split, Split, Split]:
+    """Load the task, draw BBT's true few-shot train/dev sets (k per class each) and the test split."""
+    task = load_task(cfg.task, data_dir=cfg.data_dir, spec_file=cfg.spec_file, **cfg.spec_overrides)
+    train, dev = few_shot(task.train, cfg.k_shot, seed=seed)
+    if task.test is None:
+        raise DataError(f"task {task.name!r} has no test split; give a data dir with a test file")
+    test = task.test if cfg.test_limit is None else task.test.head(cfg.test_limit)
+    return task, train, dev, test
+
+
+def run_bbt_experiment(
+    data_cfg: DataConfig,
+    bbt_cfg: BBTConfig,
+    bb_cfg: BlackBoxConfig,
+    out_root: str | Path = "runs",
+    whitebox: PromptTuningConfig | None = None,
+    on_generation: Callable[[dict], None] | None = None,
+) -> tuple[RunDir, list[dict]]:
+    """Zero-shot, BBT and (optionally) white-box prompt tuning on one few-shot draw.
+
+    Returns the run directory and the summary rows (one per method).
+    """
+    task, train, dev, test = prepare_data(data_cfg, bbt_cfg.seed)
+    blackbox = bb_cfg.build()
+    config = {
+        "method": "bbt",
+        "data": vars(data_cfg),
+        "bbt": bbt_cfg.to_dict(),
+        "blackbox": {
+            **vars(bb_cfg),
+            "model": blackbox.model_name,
+            "head": blackbox.head,
+            "prompt_attention": blackbox.prompt_attention,
+        },
+        "whitebox": whitebox.to_dict() if whitebox else None,
+        "sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
+    }
+    run = RunDir.create(out_root, f"bbt-{task.name}", config)
+    loss_name = task.loss if bbt_cfg.loss == "auto" else bbt_cfg.loss
+    train_e, dev_e, test_e = (blackbox.encode(task, s) for s in (train, dev, test))
+    rows: list[dict] = []
+
+    start = time.perf_counter()
+    zs_acc, _ = evaluate_prompt(blackbox, None, test_e, loss_name)
+    rows.append(
+        {
+            "method": "zero-shot",
+            "test_acc": zs_acc,
+            "dev_acc": evaluate_prompt(blackbox, None, dev_e)[0],
+            "train_queries": 0,
+            "seconds": time.perf_counter() - start,
+        }
+    )
+    run.log({"phase": "zero-shot", "test_accuracy": zs_acc})
+
+    p0 = blackbox.token_embeddings(bbt_cfg.prompt_init, bbt_cfg.prompt_length)
+    projection = SubspaceProjection(
+        bbt_cfg.intrinsic_dim, p0, blackbox.embedding_std, bbt_cfg.alpha, bbt_cfg.sigma0, seed=bbt_cfg.seed
+    )
+
+    def log_generation(record: dict) -> None:
+        run.log({"phase": "bbt", **record})
+        if on_generation is not None:
+            on_generation(record)
+
+    start = time.perf_counter()
+    train_queries_before = blackbox.counter.stats.queries
+    result = run_bbt(bbt_cfg, blackbox, train_e, dev_e, projection, loss_name, log_generation)
+    bbt_seconds = time.perf_counter() - start
+    del train_queries_before
+    prompt = projection(result.z_best)[0]
+    start_acc, _ = evaluate_prompt(blackbox, projection(np.zeros(bbt_cfg.intrinsic_dim)), test_e, loss_name)
+    test_acc, test_loss = evaluate_prompt(blackbox, prompt, test_e, loss_name)
+    save_arrays(
+        run.path / "prompt.safetensors",
+        {"z": result.z_best.astype(np.float32), "prompt": prompt, "prompt_init": p0},
+        {
+            "projection_seed": str(bbt_cfg.seed),
+            "intrinsic_dim": str(bbt_cfg.intrinsic_dim),
+            "model": blackbox.model_name,
+            "task": task.name,
+        },
+    )
+    rows.append(
+        {
+            "method": "bbt start (z=0)",
+            "test_acc": start_acc,
+            "dev_acc": result.start_dev_accuracy,
+            "train_queries": 0,
+            "seconds": 0.0,
+        }
+    )
+    rows.append(
+        {
+            "method": "bbt",
+            "test_acc": test_acc,
+            "dev_acc": result.dev_accuracy,
+            "train_queries": result.train_queries,
+            "seconds": bbt_seconds,
+        }
+    )
+    run.log({"phase": "bbt-final", "test_accuracy": test_acc, "test_loss": test_loss})
+
+    if whitebox is not None:
+        start = time.perf_counter()
+        wb_prompt, wb_dev = tune_prompt_whitebox(
+            whitebox, blackbox, train_e, dev_e, p0, loss_name, lambda r: run.log({"phase": "whitebox", **r})
+        )
+        wb_test, _ = evaluate_prompt(blackbox, wb_prompt, test_e, loss_name)
+        save_arrays(run.path / "prompt_whitebox.safetensors", {"prompt": wb_prompt}, {"task": task.name})
+        rows.append(
+            {
+                "method": "white-box prompt tuning",
+                "test_acc": wb_test,
+                "dev_acc": wb_dev,
+                "train_queries": 0,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+
+    run.write_summary({"task": task.name, "rows": rows, "queries": blackbox.counter.stats.as_dict()})
+    run.plot("queries", ["train_loss", "train_loss_mean"], "bbt_loss.png", "BBT training loss", where="bbt")
+    run.plot(
+        "queries",
+        ["train_accuracy", "dev_accuracy", "best_dev_accuracy"],
+        "bbt_accuracy.png",
+        "BBT accuracy",
+        where="bbt",
+    )
+    return run, rows
+
+
+def evaluate_run(run_path: str | Path, data_cfg: DataConfig | None = None) -> dict:
+    """Re-score a saved BBT prompt on a task's test split (the run's own task by default)."""
+    from bbfl.report import load_arrays
+
+    run = RunDir.open(run_path)
+    config = run.config
+    data_cfg = data_cfg or DataConfig(**config["data"])
+    bb_cfg = BlackBoxConfig(**{k: v for k, v in config["blackbox"].items() if k in BlackBoxConfig.__dataclass_fields__})
+    arrays, _ = load_arrays(run.path / "prompt.safetensors")
+    task = load_task(data_cfg.task, data_dir=data_cfg.data_dir, spec_file=data_cfg.spec_file, **data_cfg.spec_overrides)
+    if task.test is None:
+        raise DataError(f"task {task.name!r} has no test split")
+    test = task.test if data_cfg.test_limit is None else task.test.head(data_cfg.test_limit)
+    blackbox = bb_cfg.build()
+    import torch
+
+    acc, loss = evaluate_prompt(blackbox, torch.from_numpy(arrays["prompt"]), blackbox.encode(task, test))
+    return {"task": task.name, "test_acc": acc, "test_loss": loss, "examples": len(test)}

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real embedded model (loaded once) and tiny random-weight architectures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def shared_task_dir(name: str) -> Path:
+    path = (SHARED_DATA / name).resolve()
+    if not (path / "train.jsonl").is_file():
+        pytest.skip(f"real data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from bbfl.blackbox import LocalBlackBox
+
+    return LocalBlackBox()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight BERT-MLM, RoBERTa-MLM, GPT-2 and Llama saved with MiniLM's tokenizer."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
+
+    from bbfl.blackbox import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    vocab = tok.vocab_size
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    models = {
+        "bert": BertForMaskedLM(BertConfig(vocab_size=vocab, **small)),
+        "roberta": RobertaForMaskedLM(
+            RobertaConfig(vocab_size=vocab, pad_token_id=tok.pad_token_id, max_position_embeddings=200, **small)
+        ),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(vocab_size=vocab, num_key_value_heads=2, max_position_embeddings=256, **small)
+        ),
+    }
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    torch.manual_seed(0)
+    for name, model in models.items():
+        path = root / name
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

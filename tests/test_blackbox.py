@@ -1,0 +1,141 @@
+"""The local black box: population batching, prompt paths, heads, accounting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bbfl.blackbox import LocalBlackBox, QueryCounter
+from bbfl.blackbox.prefix import prefix_attention_mask, prefix_encode
+from bbfl.data import Split, Task
+from bbfl.exceptions import BudgetExceeded, ConfigError
+
+TEXTS = [
+    "a gripping, beautifully acted film",
+    "dull",
+    "the plot collapses under its own weight and never recovers , which is a shame",
+    "fun for the whole family",
+    "i want my two hours back",
+    "an instant classic",
+]
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    split = Split(texts=TEXTS, labels=np.array([1, 0, 0, 1, 0, 1]))
+    return Task(
+        name="toy",
+        labels=["negative", "positive"],
+        label_words=["bad", "great"],
+        label_descriptions=["It was terrible.", "It was great."],
+        template="{text} . It was {mask} .",
+        encoder_template="{text}",
+        loss="ce",
+        train=split,
+        test=split,
+    )
+
+
+def _prompts(bb: LocalBlackBox, n: int, length: int = 5, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, length, bb.hidden_size, generator=g) * bb.embedding_std
+
+
+@pytest.mark.parametrize("mode", ["prefix", "full"])
+def test_population_batch_equals_one_at_a_time(minilm, task, mode):
+    bb = minilm
+    bb.prompt_attention = mode
+    try:
+        data = bb.encode(task, task.train)
+        prompts = _prompts(bb, 4)
+        batched = bb.logits(prompts, data)
+        single = torch.cat([bb.logits(prompts[i : i + 1], data) for i in range(4)])
+        assert batched.shape == (4, len(TEXTS), 2)
+        torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+    finally:
+        bb.prompt_attention = "prefix"
+
+
+def test_chunking_does_not_change_scores(minilm, task):
+    data = minilm.encode(task, task.train)
+    prompts = _prompts(minilm, 3)
+    full = minilm.logits(prompts, data)
+    old = minilm.max_tokens
+    minilm.max_tokens = 40  # forces one candidate and one or two examples per forward
+    try:
+        chunked = minilm.logits(prompts, data)
+    finally:
+        minilm.max_tokens = old
+    torch.testing.assert_close(full, chunked, rtol=1e-4, atol=1e-4)
+
+
+def test_no_prompt_scores_match_plain_sentence_embeddings(minilm, task):
+    """Zero-shot through the black box equals mean-pooled sentence embeddings vs. label descriptions."""
+    data = minilm.encode(task, task.train)
+    scores = minilm.logits(None, data)[0]
+    emb = minilm._embed_texts(TEXTS)
+    expected = minilm.similarity_scale * emb @ minilm._embed_texts(task.label_descriptions).T
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_prefix_path_equals_hf_forward_with_prefix_mask(tiny_models, arch):
+    bb = LocalBlackBox(str(tiny_models[arch]), head="mlm", prompt_attention="prefix")
+    enc = bb.tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    prompts = _prompts(bb, 2, length=4)
+    ours = prefix_encode(bb.body, prompts, ids, mask, insert_at=1)
+    n_prompt = prompts.shape[1]
+    for c in range(2):
+        words = bb.word_embeddings(ids)
+        embeds = torch.cat([words[:, :1], prompts[c][None].expand(3, -1, -1), words[:, 1:]], 1)
+        positions = torch.cat([torch.arange(1 + n_prompt), torch.arange(1 + n_prompt, ids.shape[1] + n_prompt)])
+        if arch == "roberta":
+            positions = positions + bb.body.embeddings.padding_idx + 1
+        float_mask = torch.zeros(prefix_attention_mask(mask, n_prompt).shape)
+        float_mask[~prefix_attention_mask(mask, n_prompt)] = torch.finfo(torch.float32).min
+        with torch.no_grad():
+            hidden = bb.body(
+                inputs_embeds=embeds, attention_mask=float_mask, position_ids=positions[None].expand(3, -1)
+            ).last_hidden_state
+        theirs = torch.cat([hidden[:, :1], hidden[:, 1 + n_prompt :]], 1)
+        valid = mask.bool()
+        torch.testing.assert_close(ours[c][valid], theirs[valid], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("arch", "head"), [("bert", "mlm"), ("roberta", "mlm"), ("gpt2", "causal"), ("llama", "causal")]
+)
+def test_heads_on_random_architectures(tiny_models, task, arch, head):
+    bb = LocalBlackBox(str(tiny_models[arch]), head="auto")
+    assert bb.head == head
+    data = bb.encode(task, task.train)
+    prompts = _prompts(bb, 3, length=4)
+    scores = bb.logits(prompts, data)
+    assert scores.shape == (3, len(TEXTS), 2) and torch.isfinite(scores).all()
+    single = bb.logits(prompts[1:2], data)
+    torch.testing.assert_close(scores[1:2], single, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores[0], scores[1])  # the prompt matters
+
+
+def test_query_accounting_and_budget(task, tiny_models):
+    bb = LocalBlackBox(str(tiny_models["bert"]), head="mlm")
+    bb.counter = QueryCounter(budget=5)
+    data = bb.encode(task, task.train)
+    bb.logits(_prompts(bb, 3, length=4), data)
+    stats = bb.counter.stats
+    assert (stats.queries, stats.examples) == (3, 3 * len(TEXTS))
+    assert stats.tokens == 3 * (data.n_tokens + 4 * len(TEXTS))
+    with pytest.raises(BudgetExceeded, match="budget 5"):
+        bb.logits(_prompts(bb, 3, length=4), data)
+    assert bb.counter.stats.queries == 3  # the refused call did no work and was not counted
+
+
+def test_bad_config_is_a_clear_error(tiny_models):
+    with pytest.raises(ConfigError, match="dtype"):
+        LocalBlackBox(str(tiny_models["bert"]), dtype="float8")
+    with pytest.raises(ConfigError, match="prefix"):
+        LocalBlackBox(str(tiny_models["gpt2"]), prompt_attention="prefix")
+    with pytest.raises(ConfigError, match="cannot load"):
+        LocalBlackBox("/nonexistent/model/dir")
