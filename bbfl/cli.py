@@ -62,6 +62,9 @@ def bbt(
     whitebox: bool = typer.Option(False, help="Also run white-box prompt tuning (backprop) as a reference."),
     whitebox_steps: int = typer.Option(200, help="Adam steps for --whitebox."),
     out: str = typer.Option("runs", help="Parent folder of the run directory."),
+    resume: str | None = typer.Option(
+        None, help="Continue an interrupted run directory from its checkpoint (its own settings are used)."
+    ),
 ) -> None:
     """Black-Box Tuning: CMA-ES in a random subspace projected to a soft prompt (Sun et al., 2022)."""
     from bbfl.methods.bbt import BBTConfig
@@ -69,11 +72,20 @@ def bbt(
     from bbfl.pipeline import BlackBoxConfig, DataConfig, run_bbt_experiment
     from bbfl.report import summary_table
 
+    if resume is not None:
+        from bbfl.report import RunDir
+
+        try:
+            saved = RunDir.open(resume).config
+        except BBFLError as exc:
+            _fail(exc)
+        task, budget, seed = saved["data"]["task"], saved["bbt"]["budget"], saved["bbt"]["seed"]
+        console.print(f"[dim]resuming {resume} ({task}, budget {budget})[/]")
     preset = DEMO_PRESET if task == "demo" else {}
     budget = budget if budget is not None else preset.get("budget", 8000)
     k_shot = k_shot if k_shot is not None else preset.get("k_shot", 16)
     prompt_length = prompt_length if prompt_length is not None else preset.get("prompt_length", 50)
-    if preset:
+    if preset and resume is None:
         console.print(
             f"[dim]demo preset: budget={budget}, k_shot={k_shot}, prompt_length={prompt_length} "
             "(paper defaults: 8000, 16, 50 — pass flags to change)[/]"
@@ -103,7 +115,13 @@ def bbt(
                 progress.update(bar, completed=record["queries"], description=desc)
 
             run, rows = run_bbt_experiment(
-                data_cfg, cfg, bb_cfg, out, PromptTuningConfig(steps=whitebox_steps) if whitebox else None, update
+                data_cfg,
+                cfg,
+                bb_cfg,
+                out,
+                PromptTuningConfig(steps=whitebox_steps) if whitebox else None,
+                update,
+                resume=resume,
             )
     except BBFLError as exc:
         _fail(exc)

@@ -18,3 +18,7 @@ class ConfigError(BBFLError, ValueError):
 
 class BudgetExceeded(BBFLError, RuntimeError):
     """A black box was asked for more queries than its budget allows."""
+
+
+class CheckpointError(BBFLError, RuntimeError):
+    """A checkpoint does not match the run it is asked to resume."""

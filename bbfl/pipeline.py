@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import numpy as np
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import Split, Task, few_shot, load_task
 from bbfl.exceptions import DataError
-from bbfl.methods.bbt import BBTConfig, SubspaceProjection, evaluate_prompt, run_bbt
+from bbfl.methods.bbt import BBTConfig, SubspaceProjection, checkpoint_history, evaluate_prompt, run_bbt
 from bbfl.methods.prompt_tuning import PromptTuningConfig, tune_prompt_whitebox
 from bbfl.report import RunDir, save_arrays
 
@@ -40,6 +40,11 @@ class BlackBoxConfig:
     prompt_attention: str = "auto"
     max_length: int = 128
     max_tokens: int = 32768
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> BlackBoxConfig:
+        """Rebuild from a run's config.json (which also records facts such as the resolved head)."""
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
     def build(self) -> LocalBlackBox:
         return LocalBlackBox(
@@ -70,27 +75,43 @@ def run_bbt_experiment(
     out_root: str | Path = "runs",
     whitebox: PromptTuningConfig | None = None,
     on_generation: Callable[[dict], None] | None = None,
+    resume: str | Path | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """Zero-shot, BBT and (optionally) white-box prompt tuning on one few-shot draw.
 
-    Returns the run directory and the summary rows (one per method).
+    ``resume`` continues an interrupted run directory from its checkpoint with that run's own
+    configuration (the other config arguments are ignored then). Returns the run directory and the
+    summary rows (one per method).
     """
+    if resume is not None:
+        run = RunDir.open(resume)
+        saved = run.config
+        data_cfg = DataConfig(**saved["data"])
+        bbt_cfg = BBTConfig(**saved["bbt"])
+        bb_cfg = BlackBoxConfig.from_saved(saved["blackbox"])
+        whitebox = PromptTuningConfig(**saved["whitebox"]) if saved.get("whitebox") else None
     task, train, dev, test = prepare_data(data_cfg, bbt_cfg.seed)
     blackbox = bb_cfg.build()
-    config = {
-        "method": "bbt",
-        "data": vars(data_cfg),
-        "bbt": bbt_cfg.to_dict(),
-        "blackbox": {
-            **vars(bb_cfg),
-            "model": blackbox.model_name,
-            "head": blackbox.head,
-            "prompt_attention": blackbox.prompt_attention,
-        },
-        "whitebox": whitebox.to_dict() if whitebox else None,
-        "sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
-    }
-    run = RunDir.create(out_root, f"bbt-{task.name}", config)
+    if resume is None:
+        config = {
+            "method": "bbt",
+            "data": asdict(data_cfg),
+            "bbt": bbt_cfg.to_dict(),
+            "blackbox": {
+                **asdict(bb_cfg),
+                "model": blackbox.model_name,
+                "head": blackbox.head,
+                "prompt_attention": blackbox.prompt_attention,
+            },
+            "whitebox": whitebox.to_dict() if whitebox else None,
+            "sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
+        }
+        run = RunDir.create(out_root, f"bbt-{task.name}", config)
+    checkpoint = run.path / "checkpoint.safetensors"
+    if checkpoint.is_file():  # metrics may hold one record more than the checkpoint: rebuild them
+        kept = [r for r in run.metrics() if r.get("phase") not in ("bbt", "zero-shot")]
+        history = [{"phase": "bbt", **r} for r in checkpoint_history(checkpoint)]
+        run.rewrite_metrics(kept + history)
     loss_name = task.loss if bbt_cfg.loss == "auto" else bbt_cfg.loss
     train_e, dev_e, test_e = (blackbox.encode(task, s) for s in (train, dev, test))
     rows: list[dict] = []
@@ -106,7 +127,7 @@ def run_bbt_experiment(
             "seconds": time.perf_counter() - start,
         }
     )
-    run.log({"phase": "zero-shot", "test_accuracy": zs_acc})
+    run.log({"phase": "zero-shot", "test_accuracy": zs_acc}, front=True)
 
     p0 = blackbox.token_embeddings(bbt_cfg.prompt_init, bbt_cfg.prompt_length)
     projection = SubspaceProjection(
@@ -119,10 +140,8 @@ def run_bbt_experiment(
             on_generation(record)
 
     start = time.perf_counter()
-    train_queries_before = blackbox.counter.stats.queries
-    result = run_bbt(bbt_cfg, blackbox, train_e, dev_e, projection, loss_name, log_generation)
+    result = run_bbt(bbt_cfg, blackbox, train_e, dev_e, projection, loss_name, log_generation, checkpoint)
     bbt_seconds = time.perf_counter() - start
-    del train_queries_before
     prompt = projection(result.z_best)[0]
     start_acc, _ = evaluate_prompt(blackbox, projection(np.zeros(bbt_cfg.intrinsic_dim)), test_e, loss_name)
     test_acc, test_loss = evaluate_prompt(blackbox, prompt, test_e, loss_name)
@@ -192,7 +211,7 @@ def evaluate_run(run_path: str | Path, data_cfg: DataConfig | None = None) -> di
     run = RunDir.open(run_path)
     config = run.config
     data_cfg = data_cfg or DataConfig(**config["data"])
-    bb_cfg = BlackBoxConfig(**{k: v for k, v in config["blackbox"].items() if k in BlackBoxConfig.__dataclass_fields__})
+    bb_cfg = BlackBoxConfig.from_saved(config["blackbox"])
     arrays, _ = load_arrays(run.path / "prompt.safetensors")
     task = load_task(data_cfg.task, data_dir=data_cfg.data_dir, spec_file=data_cfg.spec_file, **data_cfg.spec_overrides)
     if task.test is None:

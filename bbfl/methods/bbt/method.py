@@ -7,14 +7,18 @@ is scored in one black-box call (batched, length-bucketed), and every RNG is pri
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from bbfl.blackbox import Encoded, LocalBlackBox
+from bbfl.exceptions import CheckpointError
+from bbfl.io import load_arrays, save_arrays
 from bbfl.methods.bbt.config import BBTConfig
 from bbfl.methods.losses import accuracy, get_loss
 from bbfl.optim import CMAES
@@ -80,50 +84,115 @@ def run_bbt(
     projection: SubspaceProjection,
     loss_name: str = "ce",
     on_generation: Callable[[dict], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> BBTResult:
     """Minimise the train loss over z with CMA-ES; keep the z with the best dev accuracy.
 
     Dev selection happens every ``config.eval_every`` training queries, on the generation's best
     candidate and on the CMA-ES mean. Training stops before it would pass ``config.budget``.
+
+    With ``checkpoint``, every generation's losses are saved there atomically (safetensors). If the
+    file exists, the run resumes: CMA-ES is rebuilt by *replaying* the saved losses through
+    ask/tell with the same seed - no black-box queries, no pickled optimizer - so a resumed run
+    ends exactly where an uninterrupted one would.
     """
     loss_fn = get_loss(loss_name, config.margin)
     es = CMAES(np.zeros(config.intrinsic_dim), config.sigma0, config.popsize, seed=config.seed)
-    zero = np.zeros(config.intrinsic_dim)
-    start_acc, start_loss = evaluate_prompt(blackbox, projection(zero), dev, loss_name)
-    best = {"acc": start_acc, "loss": start_loss, "z": zero}
-    queries, dev_queries, next_eval, history = 0, 1, config.eval_every, []
-    while queries + es.popsize <= config.budget:
+    state = _load_checkpoint(checkpoint, es) if checkpoint and Path(checkpoint).is_file() else None
+    if state is None:
+        zero = np.zeros(config.intrinsic_dim)
+        start_acc, start_loss = evaluate_prompt(blackbox, projection(zero), dev, loss_name)
+        state = {
+            "best": {"acc": start_acc, "loss": start_loss, "z": zero},
+            "start_acc": start_acc,
+            "queries": 0,
+            "dev_queries": 1,
+            "next_eval": config.eval_every,
+            "history": [],
+            "losses": [],
+            "probes": [],
+        }
+    best, history = state["best"], state["history"]
+    while state["queries"] + es.popsize <= config.budget:
         candidates = es.ask()
         scores = blackbox.logits(projection(candidates), train)
-        losses = loss_fn(scores, train.labels).cpu().numpy()
+        losses = loss_fn(scores, train.labels).cpu().numpy().astype(np.float64)
         es.tell(candidates, losses)
-        queries += len(candidates)
+        state["queries"] += len(candidates)
         top = int(np.argmin(losses))
         record = {
             "generation": len(history) + 1,
-            "queries": queries,
+            "queries": state["queries"],
             "train_loss": float(losses[top]),
             "train_loss_mean": float(losses.mean()),
             "train_accuracy": float(accuracy(scores[top : top + 1], train.labels)[0]),
             "sigma": es.sigma,
         }
-        if queries >= next_eval:
+        if state["queries"] >= state["next_eval"]:
+            accs = []
             for z in (candidates[top], es.mean):
                 acc, loss = evaluate_prompt(blackbox, projection(z), dev, loss_name)
-                dev_queries += 1
+                accs.append(acc)
+                state["dev_queries"] += 1
                 if acc > best["acc"] or (acc == best["acc"] and loss < best["loss"]):
-                    best = {"acc": acc, "loss": loss, "z": np.array(z)}
-            record.update(dev_accuracy=acc, dev_loss=loss, best_dev_accuracy=best["acc"])
-            next_eval += config.eval_every * max(1, math.ceil((queries - next_eval + 1) / config.eval_every))
+                    best.update(acc=acc, loss=loss, z=np.array(z))
+            record.update(dev_accuracy=max(accs), best_dev_accuracy=best["acc"])
+            overdue = math.ceil((state["queries"] - state["next_eval"] + 1) / config.eval_every)
+            state["next_eval"] += config.eval_every * max(1, overdue)
         history.append(record)
+        state["losses"].append(losses)
+        state["probes"].append(_probe(candidates))
+        if checkpoint:
+            _save_checkpoint(checkpoint, state)
         if on_generation is not None:
             on_generation(record)
     return BBTResult(
         z_best=best["z"],
         dev_accuracy=best["acc"],
         dev_loss=best["loss"],
-        start_dev_accuracy=start_acc,
-        train_queries=queries,
-        dev_queries=dev_queries,
+        start_dev_accuracy=state["start_acc"],
+        train_queries=state["queries"],
+        dev_queries=state["dev_queries"],
         history=history,
     )
+
+
+def _probe(candidates: np.ndarray) -> float:
+    # a fingerprint of a generation's candidates, to check that a replay really reproduces them
+    return float(np.asarray(candidates, dtype=np.float64).sum())
+
+
+def _save_checkpoint(path: str | Path, state: dict) -> None:
+    meta = {k: state[k] for k in ("start_acc", "queries", "dev_queries", "next_eval", "history")}
+    meta["best_acc"], meta["best_loss"] = state["best"]["acc"], state["best"]["loss"]
+    save_arrays(
+        path,
+        {"losses": np.stack(state["losses"]), "probes": np.array(state["probes"]), "best_z": state["best"]["z"]},
+        {"state": json.dumps(meta)},
+    )
+
+
+def _load_checkpoint(path: str | Path, es: CMAES) -> dict:
+    arrays, meta = load_arrays(path)
+    saved = json.loads(meta["state"])
+    losses, probes = arrays["losses"], arrays["probes"]
+    for generation, (gen_losses, probe) in enumerate(zip(losses, probes), 1):
+        candidates = es.ask()
+        if not np.isclose(_probe(candidates), probe, rtol=0, atol=1e-9 * max(1.0, abs(probe))):
+            raise CheckpointError(
+                f"{path}: replaying generation {generation} gave different candidates; the checkpoint "
+                "belongs to another seed, dimension or popsize"
+            )
+        es.tell(candidates, gen_losses)
+    return {
+        **{k: saved[k] for k in ("start_acc", "queries", "dev_queries", "next_eval", "history")},
+        "best": {"acc": saved["best_acc"], "loss": saved["best_loss"], "z": arrays["best_z"]},
+        "losses": list(losses),
+        "probes": list(probes),
+    }
+
+
+def checkpoint_history(path: str | Path) -> list[dict]:
+    """The per-generation records stored in a BBT checkpoint (to rebuild metrics on resume)."""
+    _, meta = load_arrays(path)
+    return json.loads(meta["state"])["history"]

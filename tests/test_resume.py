@@ -1,0 +1,89 @@
+"""Kill a BBT run for real between generations, resume it, and get the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bbfl.methods.bbt import checkpoint_history
+from bbfl.report import load_arrays
+
+ARGS = [
+    "--budget",
+    "300",
+    "--popsize",
+    "10",
+    "--prompt-length",
+    "4",
+    "--intrinsic-dim",
+    "50",
+    "--k-shot",
+    "4",
+    "--eval-every",
+    "20",
+    "--test-limit",
+    "24",
+    "--seed",
+    "7",
+]
+
+
+def _bbfl(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bbfl.cli", "bbt", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _only_run(root: Path) -> Path:
+    (run,) = [p for p in root.iterdir() if p.is_dir()]
+    return run
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    straight = _bbfl(*ARGS, "--out", str(tmp_path / "straight"))
+    killed = _bbfl(*ARGS, "--out", str(tmp_path / "killed"))
+    # wait until the second run has checkpointed a few generations, then SIGKILL it mid-run
+    deadline = time.time() + 240
+    generations = 0
+    while time.time() < deadline and generations < 3:
+        time.sleep(0.05)
+        runs = list((tmp_path / "killed").glob("*/checkpoint.safetensors"))
+        if runs:
+            generations = len(checkpoint_history(runs[0]))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    run_dir = _only_run(tmp_path / "killed")
+    done_before_kill = len(checkpoint_history(run_dir / "checkpoint.safetensors"))
+    assert 3 <= done_before_kill < 20, done_before_kill  # 20 generations = the whole budget
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = _bbfl("--resume", str(run_dir))
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_straight, _ = straight.communicate(timeout=300)
+    assert resumed.returncode == 0, out_resumed
+    assert straight.returncode == 0, out_straight
+
+    straight_dir = _only_run(tmp_path / "straight")
+    a, _ = load_arrays(straight_dir / "prompt.safetensors")
+    b, _ = load_arrays(run_dir / "prompt.safetensors")
+    np.testing.assert_array_equal(a["z"], b["z"])
+    rows = [json.loads((d / "summary.json").read_text())["rows"] for d in (straight_dir, run_dir)]
+    assert rows[0][2]["test_acc"] == rows[1][2]["test_acc"] and rows[0][2]["dev_acc"] == rows[1][2]["dev_acc"]
+    gens = [
+        r["generation"]
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r.get("phase") == "bbt"
+    ]
+    assert gens == list(range(1, 21))  # no generation lost or logged twice
