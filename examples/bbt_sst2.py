@@ -1,6 +1,6 @@
 """BBT on real SST-2 from Python (16-shot, a short budget so it runs in minutes on a CPU).
 
-    python examples/bbt_sst2.py ../shared/data/sst2
+python examples/bbt_sst2.py ../shared/data/sst2
 """
 
 import sys
