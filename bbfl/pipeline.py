@@ -16,7 +16,9 @@ import numpy as np
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import Split, Task, few_shot, load_task
 from bbfl.exceptions import DataError
+from bbfl.federation.engine import EngineConfig
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, checkpoint_history, evaluate_prompt, run_bbt
+from bbfl.methods.fedbpt import FedBPTConfig
 from bbfl.methods.prompt_tuning import PromptTuningConfig, tune_prompt_whitebox
 from bbfl.report import RunDir, save_arrays
 
@@ -222,3 +224,116 @@ def evaluate_run(run_path: str | Path, data_cfg: DataConfig | None = None) -> di
 
     acc, loss = evaluate_prompt(blackbox, torch.from_numpy(arrays["prompt"]), blackbox.encode(task, test))
     return {"task": task.name, "test_acc": acc, "test_loss": loss, "examples": len(test)}
+
+
+@dataclass
+class FederatedDataConfig(DataConfig):
+    """Data for a federation: ``k_shot`` per class drawn from the train pool, then partitioned."""
+
+    k_shot: int = 200  # FedBPT: 200 shots per class over all clients
+    num_clients: int = 10
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+
+
+def prepare_federated_data(cfg: FederatedDataConfig, seed: int) -> tuple[Task, list[Split], Split]:
+    """Task, one train split per client, and the (global) test split."""
+    from bbfl.federation import partition_labels
+
+    task = load_task(cfg.task, data_dir=cfg.data_dir, spec_file=cfg.spec_file, **cfg.spec_overrides)
+    pool, _ = few_shot(task.train, cfg.k_shot, seed=seed, dev_k=0)
+    parts = partition_labels(
+        pool.labels,
+        cfg.num_clients,
+        scheme=cfg.partition,
+        alpha=cfg.alpha,
+        shards_per_client=cfg.shards_per_client,
+        seed=seed,
+    )
+    if task.test is None:
+        raise DataError(f"task {task.name!r} has no test split; give a data dir with a test file")
+    test = task.test if cfg.test_limit is None else task.test.head(cfg.test_limit)
+    return task, [pool.subset(p) for p in parts], test
+
+
+def run_fedbpt_experiment(
+    data_cfg: FederatedDataConfig,
+    fed_cfg: FedBPTConfig,
+    engine_cfg: EngineConfig,
+    bb_cfg: BlackBoxConfig,
+    out_root: str | Path = "runs",
+    on_round: Callable[[dict], None] | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+) -> tuple[RunDir, list[dict]]:
+    """FedBPT on the in-process engine; checkpoints every round; ``resume`` continues a run directory."""
+    from bbfl.federation.engine import run_federation
+    from bbfl.methods.fedbpt import FedBPT
+
+    if resume is not None:
+        run = RunDir.open(resume)
+        saved = run.config
+        data_cfg = FederatedDataConfig(**saved["data"])
+        fed_cfg, engine_cfg = FedBPTConfig(**saved["fedbpt"]), EngineConfig(**saved["engine"])
+        bb_cfg = BlackBoxConfig.from_saved(saved["blackbox"])
+    task, client_splits, test = prepare_federated_data(data_cfg, fed_cfg.seed)
+    blackbox = bb_cfg.build()
+    if resume is None:
+        config = {
+            "method": "fedbpt",
+            "data": asdict(data_cfg),
+            "fedbpt": fed_cfg.to_dict(),
+            "engine": asdict(engine_cfg),
+            "blackbox": {
+                **asdict(bb_cfg),
+                "model": blackbox.model_name,
+                "head": blackbox.head,
+                "prompt_attention": blackbox.prompt_attention,
+            },
+            "client_sizes": [len(s) for s in client_splits],
+        }
+        run = RunDir.create(out_root, f"fedbpt-{task.name}", config)
+    loss_name = task.loss if fed_cfg.loss == "auto" else fed_cfg.loss
+    clients = [blackbox.encode(task, s) for s in client_splits]
+    p0 = blackbox.token_embeddings(fed_cfg.prompt_init, fed_cfg.prompt_length)
+    projection = SubspaceProjection(
+        fed_cfg.intrinsic_dim, p0, blackbox.embedding_std, fed_cfg.alpha, fed_cfg.sigma0, seed=fed_cfg.seed
+    )
+    per_round = engine_cfg.clients_per_round or len(clients)
+    method = FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
+    done = {r["round"] for r in run.metrics() if r.get("phase") == "round"}
+
+    def log_round(record: dict) -> None:
+        if record["round"] not in done:
+            run.log({"phase": "round", **record})
+        if on_round is not None:
+            on_round(record)
+
+    records = run_federation(method, engine_cfg, run.path, log_round, stop_after=stop_after)
+    if records and records[-1]["round"] == engine_cfg.rounds:
+        final = records[-1]
+        save_arrays(
+            run.path / "prompt.safetensors",
+            {"z": method.mean.astype(np.float32), "prompt": projection(method.mean)[0], "prompt_init": p0},
+            {
+                "projection_seed": str(fed_cfg.seed),
+                "intrinsic_dim": str(fed_cfg.intrinsic_dim),
+                "model": blackbox.model_name,
+                "task": task.name,
+            },
+        )
+        run.write_summary(
+            {
+                "task": task.name,
+                "test_accuracy": final["test_accuracy"],
+                "train_queries": final["train_queries"],
+                "rounds": final["round"],
+                "bytes_up_per_client_round": final["bytes_up_per_client"],
+                "bytes_down_per_client_round": final["bytes_down_per_client"],
+            }
+        )
+        run.plot("round", ["test_accuracy"], "accuracy_vs_round.png", "FedBPT global test accuracy", where="round")
+        run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
+        run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
+    return run, records

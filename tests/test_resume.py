@@ -36,7 +36,8 @@ ARGS = [
 
 
 def _bbfl(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # one thread each: the two runs share the machine without oversubscribing its cores
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "bbfl.cli", "bbt", *args],
         env=env,

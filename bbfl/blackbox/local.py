@@ -180,6 +180,27 @@ class LocalBlackBox:
             n_tokens=int(lengths.sum()),
         )
 
+    def perturbed(self, data: Encoded, rate: float, seed: int) -> Encoded:
+        """A copy of ``data`` with ``rate`` of each example's ordinary tokens replaced by random ones.
+
+        FedBPT's fitness divides the clean loss by the loss on such data, to keep the prompt from
+        over-fitting a client's few examples. Special tokens and [MASK] stay in place.
+        """
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"perturbation rate must be in [0, 1], got {rate}")
+        rng = torch.Generator().manual_seed(seed)
+        special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+        vocab = self.word_embeddings.num_embeddings
+        out = []
+        for ids in data.input_ids:
+            ids = ids.cpu().clone()
+            ordinary = ~torch.isin(ids, special)
+            flip = ordinary & (torch.rand(len(ids), generator=rng) < rate)
+            candidates = torch.randint(0, vocab, (len(ids),), generator=rng)
+            candidates = torch.where(torch.isin(candidates, special), ids, candidates)
+            out.append(torch.where(flip, candidates, ids).to(self.device))
+        return Encoded(out, data.read_at, data.labels, data.order, data.n_tokens)
+
     def _prepare_task(self, task: Task) -> None:
         key = (task.name, tuple(task.labels), tuple(task.label_words), tuple(task.label_descriptions))
         if key == self._task_key:

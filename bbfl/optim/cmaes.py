@@ -43,6 +43,7 @@ class CMAES:
     popsize : candidates per generation (BBT: 20).
     seed : seeds a private ``np.random.Generator`` used for all sampling.
     bounds : optional (lower, upper) box constraint.
+    options : further pycma options (never ``seed``/``randn``/``verbose``, which this class owns).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class CMAES:
         popsize: int,
         seed: int,
         bounds: tuple[float, float] | None = None,
+        options: dict | None = None,
     ) -> None:
         import cma
 
@@ -60,7 +62,7 @@ class CMAES:
         if popsize < 2:
             raise ConfigError(f"`popsize` must be >= 2, got {popsize}")
         self._rng = np.random.default_rng(seed)
-        options = {
+        cma_options = {
             "popsize": popsize,
             "verbose": -9,  # no outcmaes/ litter, no prints
             "verb_log": 0,
@@ -69,8 +71,9 @@ class CMAES:
             "randn": lambda *shape: self._rng.standard_normal(shape),
         }
         if bounds is not None:
-            options["bounds"] = list(bounds)
-        self.es = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), sigma0, options)
+            cma_options["bounds"] = list(bounds)
+        cma_options.update(options or {})  # e.g. {"CMA_mu": m}: FedBPT's server recombines all m client means
+        self.es = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), sigma0, cma_options)
 
     @property
     def popsize(self) -> int:
@@ -83,6 +86,15 @@ class CMAES:
     @property
     def sigma(self) -> float:
         return float(self.es.sigma)
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        self.es.sigma = float(value)
+
+    @property
+    def mu(self) -> int:
+        """Number of parents recombined per generation."""
+        return int(self.es.sp.weights.mu)
 
     def ask(self) -> np.ndarray:
         """Sample a generation, shape [popsize, d]."""

@@ -1,0 +1,1 @@
+"""One module per method: BBT, FedBPT, and the white-box prompt-tuning reference."""

@@ -1,0 +1,47 @@
+"""What every federated method gives an engine (the in-process one or Flower).
+
+A method owns its server state, client update and aggregation; an engine owns rounds, sampling,
+serialisation and checkpoints. Messages are arrays plus a JSON-able header, nothing else.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+class FederatedMethod(ABC):
+    """What a method gives the engine. Arrays + JSON headers only; the engine does the serialising."""
+
+    num_clients: int
+
+    @abstractmethod
+    def downlink(self, round_: int) -> tuple[Arrays, dict]:
+        """The message every sampled client receives this round."""
+
+    @abstractmethod
+    def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int) -> tuple[Arrays, dict]:
+        """Run one client's local work from the decoded downlink; return its update."""
+
+    @abstractmethod
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes an update's arrays must have (checked before aggregation)."""
+
+    @abstractmethod
+    def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
+        """Fold the valid updates into the server state; return metrics."""
+
+    @abstractmethod
+    def evaluate(self, round_: int) -> dict:
+        """Metrics of the current global state (e.g. global test accuracy)."""
+
+    @abstractmethod
+    def state(self) -> tuple[Arrays, dict]:
+        """Everything needed to rebuild the server state (arrays + JSON-able header)."""
+
+    @abstractmethod
+    def load_state(self, arrays: Arrays, header: dict) -> None:
+        """Inverse of :meth:`state`."""

@@ -1,0 +1,59 @@
+"""Configuration of FedBPT."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from bbfl.exceptions import ConfigError
+
+
+@dataclass
+class FedBPTConfig:
+    """FedBPT's settings; defaults follow Sun et al. (ICML 2024) and the official NVFlare example.
+
+    Args:
+        intrinsic_dim: d (500).
+        prompt_length: L (50).
+        local_popsize: each client's CMA-ES population (5).
+        local_iter: local CMA-ES generations per round (8).
+        sigma0: initial step size (1).
+        alpha: projection scale (1).
+        loss: ``auto`` = the task's loss.
+        perturb_rate: > 0 makes the fitness loss(clean) / loss(tokens replaced at this rate) (paper: 0.5).
+        aggregation: ``fedbpt`` (server CMA-ES tells the client means, pooled sigma) or ``fedavg``
+            (average of client means and sigmas).
+        min_sigma: floor of the global step size after each round (official code: 0.5).
+        prompt_init: token/text whose embedding is the prompt at z = 0.
+        seed: seeds A, the server's CMA-ES and (with the engine seed) the clients.
+    """
+
+    intrinsic_dim: int = field(default=500, metadata={"help": "d: CMA-ES search dimension"})
+    prompt_length: int = field(default=50, metadata={"help": "L: soft-prompt tokens"})
+    local_popsize: int = field(default=5, metadata={"help": "client CMA-ES population"})
+    local_iter: int = field(default=8, metadata={"help": "client CMA-ES generations per round"})
+    sigma0: float = field(default=1.0, metadata={"help": "initial CMA-ES step size"})
+    alpha: float = field(default=1.0, metadata={"help": "projection scale"})
+    loss: Literal["auto", "ce", "hinge"] = field(default="auto", metadata={"help": "training loss"})
+    margin: float = field(default=2.0, metadata={"help": "hinge margin"})
+    perturb_rate: float = field(default=0.0, metadata={"help": "token replacement rate for the fitness ratio"})
+    aggregation: Literal["fedbpt", "fedavg"] = field(default="fedbpt", metadata={"help": "server rule"})
+    min_sigma: float = field(default=0.5, metadata={"help": "floor of the global step size"})
+    prompt_init: str = field(default=".", metadata={"help": "prompt at z = 0"})
+    seed: int = field(default=42, metadata={"help": "random seed"})
+
+    def __post_init__(self) -> None:
+        for name in ("intrinsic_dim", "prompt_length", "local_iter"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` should be >= 1, got {getattr(self, name)}.")
+        if self.local_popsize < 2:
+            raise ConfigError(f"`local_popsize` should be >= 2, got {self.local_popsize}.")
+        if not 0.0 <= self.perturb_rate < 1.0:
+            raise ConfigError(f"`perturb_rate` should be in [0, 1), got {self.perturb_rate}.")
+        if self.aggregation not in ("fedbpt", "fedavg"):
+            raise ConfigError(f"`aggregation` should be fedbpt or fedavg, got {self.aggregation!r}.")
+        if self.sigma0 <= 0 or self.min_sigma < 0:
+            raise ConfigError(f"`sigma0` > 0 and `min_sigma` >= 0 needed, got {self.sigma0}, {self.min_sigma}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,171 @@
+"""FedBPT: federated black-box prompt tuning.
+
+Implementation based on Sun et al., "FedBPT: Efficient Federated Black-box Prompt Tuning for Large
+Language Models", ICML 2024 (https://arxiv.org/abs/2310.01467), and the facts in DESIGN.md.
+
+Per round, each sampled client starts a local CMA-ES from the global mean and step size (not the
+covariance), runs ``local_iter`` generations of ``local_popsize`` candidates on its own data, and
+uploads its final mean, that mean's fitness and its step size per generation. The server pools the
+step sizes, sigma_g = sqrt(sum_c sum_t sigma_ct^2 / m / mu_local), and ``tell``s the m client means to
+its own CMA-ES as one population in which all m are parents; the step-size change that update makes
+rescales the clients' step size for the next round (floored at ``min_sigma``).
+
+Differences from the official code: the downlink is mean + sigma (~2 KB), not the pickled CMA-ES
+object (~2 MB); every client has its own random stream; a round with fewer valid updates than m
+(drop-outs, rejected or late updates) fills the empty parent slots with the current global mean,
+ranked last, which shortens the step instead of failing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from bbfl.blackbox import Encoded, LocalBlackBox
+from bbfl.methods.base import Arrays, FederatedMethod
+from bbfl.methods.bbt import SubspaceProjection
+from bbfl.methods.fedbpt.config import FedBPTConfig
+from bbfl.methods.losses import accuracy, get_loss
+from bbfl.optim import CMAES
+
+
+class FedBPT(FederatedMethod):
+    """Server state and client update of FedBPT over a soft-prompt black box."""
+
+    def __init__(
+        self,
+        config: FedBPTConfig,
+        blackbox: LocalBlackBox,
+        clients: list[Encoded],
+        test: Encoded,
+        projection: SubspaceProjection,
+        loss_name: str,
+        clients_per_round: int,
+    ) -> None:
+        self.config, self.blackbox, self.clients, self.test = config, blackbox, clients, test
+        self.projection, self.loss_fn = projection, get_loss(loss_name, config.margin)
+        self.num_clients = len(clients)
+        self.m = max(1, min(clients_per_round, self.num_clients))
+        self.perturbed = [
+            blackbox.perturbed(c, config.perturb_rate, seed=config.seed + i) if config.perturb_rate > 0 else None
+            for i, c in enumerate(clients)
+        ]
+        self._reset()
+
+    # ---------------------------------------------------------------- server state
+    def _reset(self) -> None:
+        d = self.config.intrinsic_dim
+        # popsize >= 2 is pycma's minimum; with one client the second parent slot gets the old mean
+        self.es = CMAES(
+            np.zeros(d), self.config.sigma0, max(2, self.m), seed=self.config.seed, options={"CMA_mu": max(2, self.m)}
+        )
+        self.mean = np.zeros(d)
+        self.sigma = self.config.sigma0  # what clients start from
+        self.scale_sigma = self.config.sigma0  # the unfloored value the next rescaling multiplies
+        self.rounds: list[dict] = []  # what aggregate() saw: replayed on resume
+        self.train_queries = 0
+
+    def downlink(self, round_: int) -> tuple[Arrays, dict]:
+        return {"mean": self.mean.astype(np.float32)}, {"sigma": self.sigma, "round": round_}
+
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"mean": (self.config.intrinsic_dim,)}
+
+    def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
+        solutions = np.stack([u["mean"].astype(np.float64) for _, u, _ in updates])
+        fitnesses = np.array([h["fitness"] for _, _, h in updates], dtype=np.float64)
+        sigma_sq = float(sum(np.sum(np.square(h["sigmas"])) for _, _, h in updates))
+        local_mu = float(updates[0][2]["local_mu"])
+        weights = np.array([h["examples"] for _, _, h in updates], dtype=np.float64)
+        step = {
+            "solutions": solutions,
+            "fitnesses": fitnesses,
+            "sigma_sq": sigma_sq,
+            "local_mu": local_mu,
+            "weights": weights,
+            "final_sigmas": [h["sigmas"][-1] for _, _, h in updates],
+        }
+        self._apply(step)
+        self.rounds.append(step)
+        return {"global_sigma": self.sigma, "client_fitness_mean": float(fitnesses.mean())}
+
+    def _apply(self, step: dict) -> None:
+        if self.config.aggregation == "fedavg":
+            w = step["weights"] / step["weights"].sum()
+            self.mean = w @ step["solutions"]
+            self.sigma = float(np.sqrt(np.mean(np.square(step["final_sigmas"]))))
+            return
+        k = len(step["solutions"])
+        # pooled local step sizes (the server CMA-ES sees m parents per "generation")
+        self.es.sigma = np.sqrt(step["sigma_sq"] / k / step["local_mu"])
+        sigma_before = self.es.sigma
+        self.es.ask()
+        solutions, fitnesses = step["solutions"], step["fitnesses"]
+        missing = self.es.popsize - k
+        if missing > 0:  # fill empty parent slots with the old mean, ranked worst
+            solutions = np.vstack([solutions, np.repeat(self.mean[None], missing, 0)])
+            fitnesses = np.concatenate([fitnesses, np.full(missing, fitnesses.max() + 1e-6)])
+        with warnings.catch_warnings():
+            # the client means are not this generation's own samples, which pycma flags as "injected"
+            warnings.simplefilter("ignore")
+            self.es.tell(solutions, fitnesses)
+        self.scale_sigma = self.es.sigma / sigma_before * self.scale_sigma
+        self.sigma = max(self.config.min_sigma, self.scale_sigma)
+        self.mean = self.es.mean
+
+    def state(self) -> tuple[Arrays, dict]:
+        arrays, header = {}, {"rounds": [], "train_queries": self.train_queries}
+        for i, step in enumerate(self.rounds):
+            arrays[f"r{i}.solutions"] = step["solutions"]
+            arrays[f"r{i}.fitnesses"] = step["fitnesses"]
+            arrays[f"r{i}.weights"] = step["weights"]
+            header["rounds"].append({k: step[k] for k in ("sigma_sq", "local_mu", "final_sigmas")})
+        return arrays, header
+
+    def load_state(self, arrays: Arrays, header: dict) -> None:
+        """Rebuild the server CMA-ES by replaying every aggregation (exact: same seed, same inputs)."""
+        self._reset()
+        for i, scalars in enumerate(header["rounds"]):
+            step = {**scalars, **{k: arrays[f"r{i}.{k}"] for k in ("solutions", "fitnesses", "weights")}}
+            self._apply(step)
+            self.rounds.append(step)
+        self.train_queries = header["train_queries"]
+
+    # ---------------------------------------------------------------- client
+    def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int):
+        cfg = self.config
+        es = CMAES(arrays["mean"].astype(np.float64), float(header["sigma"]), cfg.local_popsize, seed=seed)
+        sigmas = []
+        for _ in range(cfg.local_iter):
+            sigmas.append(es.sigma)
+            candidates = es.ask()
+            es.tell(candidates, self._fitness(client, candidates))
+        final = es.mean
+        return (
+            {"mean": final.astype(np.float32)},
+            {
+                "fitness": float(self._fitness(client, final[None])[0]),
+                "sigmas": sigmas,
+                "local_mu": es.mu,
+                "examples": len(self.clients[client]),
+            },
+        )
+
+    def _fitness(self, client: int, candidates: np.ndarray) -> np.ndarray:
+        prompts = self.projection(candidates)
+        data = self.clients[client]
+        self.train_queries += len(candidates) * (1 if self.perturbed[client] is None else 2)
+        clean = self.loss_fn(self.blackbox.logits(prompts, data), data.labels)
+        if self.perturbed[client] is not None:
+            noisy = self.perturbed[client]
+            clean = clean / self.loss_fn(self.blackbox.logits(prompts, noisy), noisy.labels).clamp(min=1e-6)
+        return clean.cpu().numpy().astype(np.float64)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, round_: int) -> dict:
+        scores = self.blackbox.logits(self.projection(self.mean), self.test)
+        return {
+            "test_accuracy": float(accuracy(scores, self.test.labels)[0]),
+            "train_queries": self.train_queries,
+        }
