@@ -17,7 +17,7 @@ from bbfl.report import load_arrays
 
 ARGS = [
     "--budget",
-    "300",
+    "200",
     "--popsize",
     "10",
     "--prompt-length",
