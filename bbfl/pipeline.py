@@ -48,6 +48,15 @@ class BlackBoxConfig:
         """Rebuild from a run's config.json (which also records facts such as the resolved head)."""
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
+    def record(self, blackbox: LocalBlackBox) -> dict:
+        """These settings plus what ``auto`` resolved to, for config.json (resume rebuilds from it)."""
+        return {
+            **asdict(self),
+            "model": blackbox.model_name,
+            "head": blackbox.head,
+            "prompt_attention": blackbox.prompt_attention,
+        }
+
     def build(self) -> LocalBlackBox:
         return LocalBlackBox(
             self.model,
@@ -99,12 +108,7 @@ def run_bbt_experiment(
             "method": "bbt",
             "data": asdict(data_cfg),
             "bbt": bbt_cfg.to_dict(),
-            "blackbox": {
-                **asdict(bb_cfg),
-                "model": blackbox.model_name,
-                "head": blackbox.head,
-                "prompt_attention": blackbox.prompt_attention,
-            },
+            "blackbox": bb_cfg.record(blackbox),
             "whitebox": whitebox.to_dict() if whitebox else None,
             "sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
         }
@@ -285,12 +289,7 @@ def run_fedbpt_experiment(
             "data": asdict(data_cfg),
             "fedbpt": fed_cfg.to_dict(),
             "engine": asdict(engine_cfg),
-            "blackbox": {
-                **asdict(bb_cfg),
-                "model": blackbox.model_name,
-                "head": blackbox.head,
-                "prompt_attention": blackbox.prompt_attention,
-            },
+            "blackbox": bb_cfg.record(blackbox),
             "client_sizes": [len(s) for s in client_splits],
         }
         run = RunDir.create(out_root, f"fedbpt-{task.name}", config)
