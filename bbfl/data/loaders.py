@@ -5,201 +5,105 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
-from bbfl.data.registry import PAIR_ENCODER_TEMPLATE, PAIR_TEMPLATE, TASKS, TaskSpec, get_spec
+from bbfl.data.registry import TASKS, TaskSpec
 from bbfl.data.task import Split, Task
 from bbfl.exceptions import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
-PROMPT_KEYS = ("labels", "label_words", "label_descriptions", "template", "encoder_template", "loss")
-COLUMN_KEYS = ("text_col", "pair_col", "label_col")
-SPEC_KEYS = frozenset(PROMPT_KEYS + COLUMN_KEYS + ("description",))
-CUSTOM_TEMPLATE = "{text} . {mask} ."
-ENV_VAR = "BBFL_DATA_DIR"
-
-
-# --------------------------------------------------------------------------- files -> records
+SPEC_KEYS = {
+    "labels",
+    "label_words",
+    "label_descriptions",
+    "template",
+    "encoder_template",
+    "loss",
+    "text_col",
+    "pair_col",
+    "label_col",
+}
 
 
 def read_records(
     path: str | Path, *, text_col: str = "text", pair_col: str | None = None, label_col: str = "label"
 ) -> list[dict]:
-    """Read one data file into ``{"text", "label"[, "text_pair"]}`` dicts.
-
-    Parameters
-    ----------
-    path : str or Path
-        A ``.jsonl`` (one object per line), ``.json`` (a list of objects), ``.csv`` or ``.tsv``
-        file; csv/tsv need a header row naming the columns.
-    text_col, pair_col, label_col : str
-        Column names of the text, the optional second sentence and the label.
-
-    Returns
-    -------
-    list of dict
-        One record per row; labels are kept as read (int, or str from csv/tsv).
-
-    Raises
-    ------
-    DataError
-        Naming the file and what was expected: missing or empty file, unknown suffix, a row that
-        is not valid JSON, a missing column (with the columns found) or an empty text.
-    """
+    """Rows of a data file as ``{"text", "label"[, "text_pair"]}`` dicts, checked for the columns."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    if path.suffix.lower() not in SUFFIXES:
+    if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}")
-    wanted = [text_col, *([pair_col] if pair_col else []), label_col]
-    records = [_to_record(path, where, row, wanted) for where, row in _iter_rows(path)]
-    if not records:
-        raise DataError(
-            f"{path}: no rows (the file is empty or has only a header); expected labelled examples"
-        )
-    return records
-
-
-def _to_record(path: Path, where: str, row: dict, wanted: list[str]) -> dict:
-    missing = [c for c in wanted if c not in row]
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    wanted = [text_col, label_col] + ([pair_col] if pair_col else [])
+    missing = [c for c in wanted if c not in rows[0]]
     if missing:
-        found = sorted(str(k) for k in row if k is not None)
-        raise DataError(f"{path}: {where} is missing column(s) {missing}; columns found: {found}")
-    text_col, *pair, label_col = wanted
-    rec = {"text": _text(path, where, text_col, row[text_col]), "label": row[label_col]}
-    if pair:
-        rec["text_pair"] = _text(path, where, pair[0], row[pair[0]])
-    if rec["label"] is None or (isinstance(rec["label"], str) and not rec["label"].strip()):
-        raise DataError(f"{path}: {where} has an empty {label_col!r}: {rec['label']!r}")
-    return rec
+        raise DataError(f"{path}: missing column(s) {missing}; columns found: {sorted(rows[0])}")
+    out = []
+    for i, row in enumerate(rows, 1):
+        text = row.get(text_col)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: row {i} has an empty or non-text {text_col!r}: {text!r}")
+        rec = {"text": text, "label": row.get(label_col)}
+        if pair_col:
+            rec["text_pair"] = str(row.get(pair_col) or "")
+        out.append(rec)
+    return out
 
 
-def _text(path: Path, where: str, col: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{path}: {where} has an empty or non-text {col!r}: {value!r}")
-    return value
-
-
-def _iter_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """Yield ``(location, row)``; the location ("line 7", "item 3") goes into error messages."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _iter_jsonl(path)
-    elif suffix == ".json":
-        yield from _iter_json(path)
-    else:
-        yield from _iter_delimited(path, "\t" if suffix == ".tsv" else ",")
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {i} is not valid JSON ({exc.msg}): {line.strip()[:80]!r}"
-                ) from exc
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}: line {i} should be a JSON object, got {type(row).__name__}: {row!r}"
-                )
-            yield f"line {i}", row
-
-
-def _iter_json(path: Path) -> Iterator[tuple[str, dict]]:
-    text = path.read_text(encoding="utf-8-sig")
-    if not text.strip():
-        return
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: item {i} should be a JSON object, got {type(row).__name__}: {row!r}")
-        yield f"item {i}", row
-
-
-def _iter_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    # TSV files in NLP (GLUE, LM-BFF) are unquoted and contain stray '"'; csv's quoting would merge rows.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    # utf-8-sig: spreadsheet exports (and GLUE's MRPC) start with a byte-order mark.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
-        for row in reader:
-            yield f"line {reader.line_num}", row
-
-
-# --------------------------------------------------------------------------- records -> Split
+                raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg})") from exc
+            if not isinstance(rows[-1], dict):
+                raise DataError(f"{path}: line {i} should be a JSON object, got {type(rows[-1]).__name__}")
+        return rows
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8") or "[]")
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
 
 
 def records_to_split(records: list[dict], labels: list[str], path: str | Path) -> Split:
-    """Turn records into a :class:`Split`, mapping each label to its class id.
-
-    Parameters
-    ----------
-    records : list of dict
-        As returned by :func:`read_records`.
-    labels : list of str
-        Class names. A record's label may be a class id ``0..C-1`` (int, or an integer string as
-        csv gives) or a class name; a string that is a class name wins over reading it as an id.
-    path : str or Path
-        Where the records came from, for error messages.
-
-    Returns
-    -------
-    Split
-
-    Raises
-    ------
-    DataError
-        For a label that is neither, naming the file, the row, the value and the allowed ones.
-    """
+    """Map labels (class index or class name) to ids; anything else is an error naming the value."""
     index = {name: i for i, name in enumerate(labels)}
-    ids = [_label_id(v["label"], index, len(labels), path, row) for row, v in enumerate(records, 1)]
-    has_pairs = bool(records) and "text_pair" in records[0]
-    pairs = [r["text_pair"] for r in records] if has_pairs else None
-    return Split([r["text"] for r in records], np.array(ids, dtype=np.int64), pairs)
-
-
-def _label_id(value: Any, index: dict[str, int], n: int, path: str | Path, row: int) -> int:
-    if isinstance(value, str):
-        if value in index or value.strip() in index:
-            return index[value if value in index else value.strip()]
-        k = _as_int(value.strip())
-    elif isinstance(value, bool):  # bool is an int subclass; True is no class id
-        k = None
-    elif isinstance(value, int | float | np.integer):
-        k = int(value) if float(value).is_integer() else None
-    else:
-        k = None
-    if k is None or not 0 <= k < n:
-        raise DataError(
-            f"{path}: row {row} has unknown label {value!r}; expected a class name {list(index)} "
-            f"or a class id 0..{n - 1}"
-        )
-    return k
-
-
-def _as_int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-# --------------------------------------------------------------------------- load_task
+    ids = []
+    for i, rec in enumerate(records, 1):
+        value = rec["label"]
+        if isinstance(value, str) and value in index:
+            ids.append(index[value])
+            continue
+        try:
+            k = int(value)
+        except (TypeError, ValueError):
+            k = -1
+        if not (0 <= k < len(labels)) or (isinstance(value, float) and value != k):
+            raise DataError(
+                f"{path}: row {i} has unknown label {value!r}; expected one of {labels} "
+                f"or an index 0..{len(labels) - 1}"
+            )
+        ids.append(k)
+    pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
+    return Split([r["text"] for r in records], np.array(ids), pairs)
 
 
 def load_task(
@@ -208,282 +112,168 @@ def load_task(
     data_dir: str | Path | None = None,
     spec: TaskSpec | None = None,
     spec_file: str | Path | None = None,
-    **spec_overrides: Any,
+    **overrides: Any,
 ) -> Task:
-    """Build a :class:`Task` from local files, the bundled demo or the `datasets` hub.
+    """Build a :class:`Task` from a known name, local files, the bundled demo or the hub.
 
-    Data are looked for, in order: ``data_dir``; ``$BBFL_DATA_DIR/<name>``; ``$BBFL_DATA_DIR``
-    itself if it holds a train file (not for ``demo``); the packaged files for ``demo``; the
-    `datasets` hub for registered tasks. A data folder holds ``train.{jsonl,json,csv,tsv}``,
-    optionally ``test.*`` and ``labels.json`` (class names, indexed by integer labels).
-
-    Parameters
-    ----------
-    name : str, optional
-        A registered task (see :func:`bbfl.data.list_tasks`) or any name for custom data.
-        Defaults to the data folder's name, or ``"demo"`` without one.
-    data_dir : str or Path, optional
-        Folder with the task's files.
-    spec : TaskSpec, optional
-        Use this spec instead of the registry's entry for ``name``.
-    spec_file : str or Path, optional
-        TOML file with any of ``labels``, ``label_words``, ``label_descriptions``, ``template``,
-        ``encoder_template``, ``loss``, ``text_col``, ``pair_col``, ``label_col``, ``description``.
-    **spec_overrides
-        The same keys (e.g. from CLI flags); ``None`` values are ignored. They win over
-        ``spec_file``, which wins over the registered spec.
-
-    Returns
-    -------
-    Task
-        For custom data without ``labels``, the class names are inferred from the data;
-        ``label_words`` and ``label_descriptions`` then default to the class names.
-
-    Raises
-    ------
-    DataError
-        For unknown tasks, unreadable or malformed files, inconsistent specs, or a hub download
-        that is impossible (then pass ``data_dir``).
+    ``data_dir`` (or ``$BBFL_DATA_DIR``) holds ``train.*``, optional ``test.*`` and ``labels.json``.
+    A name that is not registered needs ``data_dir``; ``spec_file`` (TOML) and ``overrides`` set
+    labels, label_words, label_descriptions, template, encoder_template, loss and column names.
     """
+    name = name or "demo"
+    fields = _spec_fields(name, spec, spec_file, overrides)
+    cols = {
+        "text_col": fields.pop("text_col", "text"),
+        "pair_col": fields.pop("pair_col", None),
+        "label_col": fields.pop("label_col", "label"),
+    }
     folder = _resolve_dir(name, data_dir)
-    name = name or (folder.name if folder is not None else "demo")
-    base = spec if spec is not None else TASKS.get(name)
-    fields = _base_fields(base)
-    fields.update(_read_spec_file(spec_file) if spec_file is not None else {})
-    fields.update(_check_overrides(spec_overrides))
-    origin = f"task {name!r}" + (f" (spec {spec_file})" if spec_file is not None else "")
     if folder is not None:
-        return _task_from_files(name, _files_in(folder), fields, folder, origin)
-    if name == "demo" and spec is None:
+        train_rec, test_rec, file_labels = _read_folder(folder, cols)
+        source = folder
+    elif name == "demo":
         pkg = resources.files("bbfl.data")
-        with (
-            resources.as_file(pkg / "demo.jsonl") as train,
-            resources.as_file(pkg / "demo_test.jsonl") as test,
-        ):
-            return _task_from_files(name, (Path(train), Path(test), None), fields, Path(train).parent, origin)
-    if base is None:
-        get_spec(name)  # raises, listing the known tasks
-    return _task_from_hub(name, base, fields, origin)
+        with resources.as_file(pkg / "demo.jsonl") as tr, resources.as_file(pkg / "demo_test.jsonl") as te:
+            train_rec, test_rec, file_labels = read_records(tr), read_records(te), None
+            source = Path(str(tr)).parent
+    elif name in TASKS:
+        return _load_from_hub(TASKS[name], fields)
+    else:
+        raise DataError(f"unknown task {name!r} and no --data-dir; known tasks: {', '.join(TASKS)}")
+    labels = fields.get("labels") or file_labels or _infer_labels(train_rec, source)
+    fields["labels"] = list(labels)
+    _fill_defaults(fields)
+    _validate(fields, source)
+    train = records_to_split(train_rec, fields["labels"], source / "train")
+    test = records_to_split(test_rec, fields["labels"], source / "test") if test_rec else None
+    return Task(name=name, train=train, test=test, **fields)
 
 
-def _base_fields(base: TaskSpec | None) -> dict[str, Any]:
-    if base is None:
-        return {}
-    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(base).items() if k in PROMPT_KEYS}
-    fields["description"] = base.description
-    # The shared/normalised files name the second sentence `text_pair`.
-    fields["pair_col"] = "text_pair" if base.is_pair else None
+def _spec_fields(name, spec, spec_file, overrides) -> dict:
+    base = spec or TASKS.get(name)
+    fields: dict[str, Any] = {}
+    if base is not None:
+        fields = {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in vars(base).items()
+            if k in ("labels", "label_words", "label_descriptions", "template", "encoder_template", "loss")
+        }
+        if base.hub_columns.get("text_pair") and "text_pair" in base.hub_columns:
+            fields["pair_col"] = "text_pair"
+    if spec_file is not None:
+        path = Path(spec_file)
+        if not path.is_file():
+            raise DataError(f"{path}: task spec file not found")
+        try:
+            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise DataError(f"{path}: not valid TOML ({exc})") from exc
+        unknown = set(loaded) - SPEC_KEYS
+        if unknown:
+            raise DataError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")
+        fields.update(loaded)
+    unknown = set(overrides) - SPEC_KEYS
+    if unknown:
+        raise DataError(f"unknown task option(s) {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")
+    fields.update({k: v for k, v in overrides.items() if v is not None})
     return fields
 
 
-def _read_spec_file(spec_file: str | Path) -> dict[str, Any]:
-    path = Path(spec_file)
-    if not path.is_file():
-        raise DataError(f"{path}: task spec file not found")
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        loaded = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise DataError(f"{path}: not valid TOML ({exc})") from exc
-    unknown = sorted(set(loaded) - SPEC_KEYS)
-    if unknown:
-        raise DataError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(SPEC_KEYS)}")
-    return loaded
-
-
-def _check_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(overrides) - SPEC_KEYS)
-    if unknown:
-        raise DataError(f"unknown task option(s) {unknown}; expected some of {sorted(SPEC_KEYS)}")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items() if v is not None}
-
-
-def _resolve_dir(name: str | None, data_dir: str | Path | None) -> Path | None:
+def _resolve_dir(name: str, data_dir) -> Path | None:
     if data_dir is not None:
         path = Path(data_dir)
         if not path.is_dir():
-            raise DataError(f"data dir {str(path)!r}: not a directory")
+            raise DataError(f"--data-dir {path}: not a directory")
         return path
-    env = os.environ.get(ENV_VAR)
-    if not env:
-        return None
-    root = Path(env)
-    if name and (root / name).is_dir():
-        return root / name
-    # A flat $BBFL_DATA_DIR is one dataset; the packaged demo must not be shadowed by it.
-    if name != "demo" and any((root / f"train{s}").is_file() for s in SUFFIXES):
-        return root
+    env = os.environ.get("BBFL_DATA_DIR")
+    if env:
+        for candidate in (Path(env) / name, Path(env)):
+            if any((candidate / f"train{s}").is_file() for s in SUFFIXES):
+                return candidate
     return None
-
-
-def _files_in(folder: Path) -> tuple[Path, Path | None, Path | None]:
-    train = _find(folder, "train")
-    if train is None:
-        odd = sorted(p.name for p in folder.glob("train.*"))
-        hint = f" (found {odd}, whose type is not supported)" if odd else ""
-        expected = ", ".join(f"train{s}" for s in SUFFIXES)
-        raise DataError(f"{folder}: no train file{hint}; expected one of {expected}")
-    labels = folder / "labels.json"
-    return train, _find(folder, "test"), labels if labels.is_file() else None
 
 
 def _find(folder: Path, stem: str) -> Path | None:
     found = [folder / f"{stem}{s}" for s in SUFFIXES if (folder / f"{stem}{s}").is_file()]
-    if len(found) > 1:
-        raise DataError(f"{folder}: several {stem} files {[p.name for p in found]}; keep only one")
     return found[0] if found else None
 
 
-def _task_from_files(
-    name: str,
-    files: tuple[Path, Path | None, Path | None],
-    fields: dict[str, Any],
-    source: Path,
-    origin: str,
-) -> Task:
-    train_file, test_file, labels_file = files
-    cols = {k: fields.pop(k, None) for k in COLUMN_KEYS}
-    kw = dict(
-        text_col=cols["text_col"] or "text", pair_col=cols["pair_col"], label_col=cols["label_col"] or "label"
-    )
-    train_rec = read_records(train_file, **kw)
-    test_rec = read_records(test_file, **kw) if test_file is not None else None
-    file_labels = _read_labels_json(labels_file) if labels_file is not None else None
-    if "labels" in fields:
-        if file_labels is not None:
-            _check_labels_agree(fields["labels"], file_labels, labels_file)
-    elif file_labels is not None:
-        fields["labels"] = file_labels
-    else:
-        fields["labels"] = _infer_labels(train_rec + (test_rec or []), train_file)
-    fields = _complete(fields, is_pair=cols["pair_col"] is not None, source=source, origin=origin)
-    train = records_to_split(train_rec, fields["labels"], train_file)
-    test = records_to_split(test_rec, fields["labels"], test_file) if test_rec is not None else None
-    return Task(name=name, train=train, test=test, **fields)
-
-
-def _read_labels_json(path: Path) -> list[str]:
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg}); expected a list of class names") from exc
-    if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
-        raise DataError(f"{path}: expected a JSON list of class names, got {labels!r}")
-    return labels
-
-
-def _check_labels_agree(labels: list[str], file_labels: list[str], path: Path) -> None:
-    # labels.json fixes what integer labels mean: a spec may rename the classes but not reorder them.
-    same_names_other_order = sorted(labels) == sorted(file_labels) and labels != file_labels
-    if len(labels) != len(file_labels) or same_names_other_order:
-        raise DataError(f"{path}: class names {file_labels} disagree with the task's labels {labels}")
+def _read_folder(folder: Path, cols: dict) -> tuple[list[dict], list[dict] | None, list[str] | None]:
+    train = _find(folder, "train")
+    if train is None:
+        raise DataError(f"{folder}: no train file; expected one of " + ", ".join(f"train{s}" for s in SUFFIXES))
+    pair_col = cols["pair_col"]
+    if pair_col == "text_pair" and train.suffix == ".jsonl":
+        first = json.loads(train.open(encoding="utf-8").readline() or "{}")
+        pair_col = pair_col if "text_pair" in first else None
+    kw = dict(text_col=cols["text_col"], pair_col=pair_col, label_col=cols["label_col"])
+    test = _find(folder, "test")
+    labels_file = folder / "labels.json"
+    labels = None
+    if labels_file.is_file():
+        labels = json.loads(labels_file.read_text(encoding="utf-8"))
+        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            raise DataError(f"{labels_file}: expected a JSON list of class names, got {labels!r}")
+    return read_records(train, **kw), (read_records(test, **kw) if test else None), labels
 
 
 def _infer_labels(records: list[dict], source: Path) -> list[str]:
-    """Class names for data without a label list, then convert the records' labels to those names."""
-    keys = [_label_key(r["label"]) for r in records]
-    unique = set(keys)
-    numeric = all(_as_int(k) is not None for k in unique)
-    if numeric and {_as_int(k) for k in unique} == set(range(len(unique))):
-        names = [str(i) for i in range(len(unique))]  # ids 0..C-1: keep them as they are
-    else:
-        names = sorted(unique, key=_as_int) if numeric else sorted(unique)
-    for rec, key in zip(records, keys):
-        rec["label"] = key  # matched by name in records_to_split, e.g. star ratings 1..5 -> ids 0..4
-    if len(names) < 2:
-        raise DataError(f"{source}: found only the label(s) {names}; a classification task needs two or more")
-    return names
-
-
-def _label_key(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def _complete(fields: dict[str, Any], *, is_pair: bool, source: Path | str, origin: str) -> dict[str, Any]:
-    """Fill the defaults of a custom task and validate every prompt field."""
-    fields = dict(fields)
-    labels = fields["labels"]
-    fields.setdefault("label_words", list(labels))
-    fields.setdefault("label_descriptions", list(labels))
-    fields.setdefault("template", PAIR_TEMPLATE if is_pair else CUSTOM_TEMPLATE)
-    fields.setdefault("encoder_template", PAIR_ENCODER_TEMPLATE if is_pair else "{text}")
-    fields.setdefault("loss", "ce")
-    fields.setdefault("description", f"custom task from {source}")
+    values = {r["label"] for r in records}
+    if all(isinstance(v, str) and not v.lstrip("-").isdigit() for v in values):
+        return sorted(values)
     try:
-        _validate(fields, is_pair)
-    except DataError as exc:  # say where the bad value came from
-        raise DataError(f"{origin}: {exc}") from None
-    return {k: fields[k] for k in (*PROMPT_KEYS, "description")}
+        n = max(int(v) for v in values) + 1
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{source}: cannot infer class names from labels {sorted(map(str, values))[:10]}; give `labels` in a spec"
+        ) from exc
+    return [str(i) for i in range(n)]
 
 
-def _validate(fields: dict[str, Any], is_pair: bool) -> None:
-    for key in ("labels", "label_words", "label_descriptions"):
-        value = fields[key]
-        if not (isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value)):
-            raise DataError(f"{key} must be a list of non-empty strings, got {value!r}")
-    if len(set(fields["labels"])) != len(fields["labels"]):
-        raise DataError(f"labels must be distinct, got {fields['labels']}")
+def _fill_defaults(fields: dict) -> None:
+    fields.setdefault("label_words", list(fields["labels"]))
+    fields.setdefault("label_descriptions", list(fields["labels"]))
+    fields.setdefault("template", "{text} . {mask} .")
+    fields.setdefault("encoder_template", "{text}")
+    fields.setdefault("loss", "ce")
+
+
+def _validate(fields: dict, source: Path) -> None:
     n = len(fields["labels"])
     for key in ("label_words", "label_descriptions"):
         if len(fields[key]) != n:
             raise DataError(
-                f"{key} has {len(fields[key])} entries {fields[key]} "
-                f"but there are {n} classes {fields['labels']}"
+                f"{source}: {key} has {len(fields[key])} entries {fields[key]} but there are {n} "
+                f"classes {fields['labels']}"
             )
-    _validate_template("template", fields["template"], is_pair, needs_mask=True)
-    _validate_template("encoder_template", fields["encoder_template"], is_pair, needs_mask=False)
+    if "{text}" not in fields["template"] or "{mask}" not in fields["template"]:
+        raise DataError(f"template {fields['template']!r} must contain {{text}} and {{mask}}")
+    if "{text}" not in fields["encoder_template"]:
+        raise DataError(f"encoder_template {fields['encoder_template']!r} must contain {{text}}")
     if fields["loss"] not in ("ce", "hinge"):
-        raise DataError(f"loss must be 'ce' or 'hinge', got {fields['loss']!r}")
+        raise DataError(f"loss {fields['loss']!r} must be 'ce' or 'hinge'")
 
 
-def _validate_template(key: str, template: Any, is_pair: bool, *, needs_mask: bool) -> None:
-    needed = ["{text}", *(["{mask}"] if needs_mask else []), *(["{text_pair}"] if is_pair else [])]
-    if not isinstance(template, str) or any(p not in template for p in needed):
-        raise DataError(f"{key} {template!r} must contain {' and '.join(needed)}")
-    if not is_pair and "{text_pair}" in template:
-        raise DataError(
-            f"{key} {template!r} uses {{text_pair}} but the data have no pair column (set pair_col)"
-        )
-
-
-# --------------------------------------------------------------------------- hub
-
-
-def _task_from_hub(name: str, spec: TaskSpec, fields: dict[str, Any], origin: str) -> Task:
-    """Download a registered task with `datasets` (the optional ``hub`` extra, needs a network)."""
-    where = f"task {name!r}: no local data (no --data-dir, and ${ENV_VAR} unset or without a {name}/ folder)"
-    if spec.hub_name is None:
-        raise DataError(f"{where} and it is not on the datasets hub; pass --data-dir with its files")
+def _load_from_hub(spec: TaskSpec, fields: dict) -> Task:
+    """Load a registered task through `datasets` (needs the `hub` extra and a network)."""
     try:
         import datasets
     except ImportError as exc:
         raise DataError(
-            f"{where} and the `datasets` package is not installed to download it; pass --data-dir DIR "
-            "with train/test files (jsonl/csv/tsv), or pip install 'bbfl[hub]'"
+            f"task {spec.name!r}: no --data-dir given and `datasets` is not installed "
+            "(pip install 'bbfl[hub]'), so it cannot be downloaded"
         ) from exc
     try:
-        ds = datasets.load_dataset(spec.hub_name, spec.hub_config)
-    except Exception as exc:  # offline, unknown id, hub errors: many exception types
-        hub_id = spec.hub_name + (f"/{spec.hub_config}" if spec.hub_config else "")
+        ds = datasets.load_dataset(*spec.hub)
+    except Exception as exc:  # network / hub errors come in many types
         raise DataError(
-            f"{where} and downloading {hub_id!r} failed ({exc}); pass --data-dir DIR instead"
+            f"task {spec.name!r}: could not load {spec.hub} from the hub ({exc}); pass --data-dir with local files"
         ) from exc
-    for key in COLUMN_KEYS:
-        fields.pop(key, None)
-    fields = _complete(fields, is_pair=spec.hub_pair_col is not None, source=spec.hub_name, origin=origin)
-    n = len(fields["labels"])
-    test = _hub_split(ds[spec.hub_test_split], spec, n) if spec.hub_test_split in ds else None
-    return Task(name=name, train=_hub_split(ds["train"], spec, n), test=test, **fields)
+    c = spec.hub_columns
 
+    def to_split(part) -> Split:
+        pairs = list(part[c["text_pair"]]) if "text_pair" in c else None
+        return Split(list(part[c["text"]]), np.array(part[c["label"]]), pairs)
 
-def _hub_split(part: Any, spec: TaskSpec, num_classes: int) -> Split:
-    labels = np.asarray(part[spec.hub_label_col], dtype=np.int64)
-    keep = np.flatnonzero((labels >= 0) & (labels < num_classes))  # SNLI marks "no gold label" as -1
-    texts = list(part[spec.hub_text_col])
-    pairs = list(part[spec.hub_pair_col]) if spec.hub_pair_col else None
-    return Split(texts, labels, pairs).subset(keep)
+    fields = {k: v for k, v in fields.items() if k not in ("text_col", "pair_col", "label_col")}
+    return Task(name=spec.name, train=to_split(ds["train"]), test=to_split(ds[spec.hub_test_split]), **fields)
