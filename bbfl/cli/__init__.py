@@ -1,0 +1,20 @@
+"""The ``bbfl`` command line.
+
+bbfl bbt                                   # offline demo: embedded MiniLM + bundled demo task
+bbfl bbt --task sst2 --data-dir ../shared/data/sst2
+bbfl tasks                                 # the known tasks
+bbfl eval runs/bbt-sst2-... --task sst2 --data-dir ../shared/data/sst2
+"""
+
+from __future__ import annotations
+
+# importing a command module registers its commands on `app`
+from bbfl.cli import bbt, fedbpt, tasks  # noqa: E402, F401, I001
+from bbfl.cli._app import app, console
+
+__all__ = ["app", "console", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,113 @@
+"""`bbfl fedbpt`: federated black-box prompt tuning on the in-process engine."""
+
+from __future__ import annotations
+
+import typer
+
+from bbfl.cli._app import app, console, fail, progress_bar
+from bbfl.exceptions import BBFLError
+
+FEDBPT_DEMO_PRESET = {"rounds": 10, "k_shot": 40, "prompt_length": 10}
+
+
+@app.command()
+def fedbpt(
+    task: str = typer.Option("demo", help="Task name (see `bbfl tasks`) or a custom name with --data-dir."),
+    data_dir: str | None = typer.Option(None, help="Folder with train/test files; default $BBFL_DATA_DIR or the hub."),
+    spec: str | None = typer.Option(None, help="TOML task spec for custom data."),
+    k_shot: int | None = typer.Option(None, help="Examples per class over all clients (paper: 200)."),
+    test_limit: int | None = typer.Option(None, help="Score only the first N test examples each round."),
+    clients: int = typer.Option(10, help="Number of clients."),
+    clients_per_round: int | None = typer.Option(None, help="Clients sampled per round (all)."),
+    rounds: int | None = typer.Option(None, help="Communication rounds (paper: 200)."),
+    partition: str = typer.Option("iid", help="iid, dirichlet or shards."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew)."),
+    dropout: float = typer.Option(0.0, help="Probability a sampled client drops out of a round."),
+    deadline: float | None = typer.Option(None, help="Seconds before a client's update counts as late."),
+    local_popsize: int = typer.Option(5, help="Client CMA-ES population."),
+    local_iter: int = typer.Option(8, help="Client CMA-ES generations per round."),
+    intrinsic_dim: int = typer.Option(500, help="d: CMA-ES search dimension."),
+    prompt_length: int | None = typer.Option(None, help="L: soft-prompt tokens (paper: 50)."),
+    perturb_rate: float = typer.Option(0.0, help="> 0: fitness = loss / loss on token-perturbed data (paper: 0.5)."),
+    aggregation: str = typer.Option("fedbpt", help="fedbpt (server CMA-ES) or fedavg (mean of client means)."),
+    transport: str = typer.Option("float32", help="float32 or float16 arrays on the wire."),
+    seed: int = typer.Option(42, help="Seeds data, partition, A, server and clients."),
+    model: str | None = typer.Option(None, help="Local model dir or hub name (default: embedded MiniLM)."),
+    head: str = typer.Option("auto", help="auto, encoder, mlm or causal."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    out: str = typer.Option("runs", help="Parent folder of the run directory."),
+    resume: str | None = typer.Option(None, help="Continue an interrupted run directory from its last round."),
+) -> None:
+    """FedBPT: clients run local CMA-ES, the server aggregates search distributions (Sun et al., 2024)."""
+    from bbfl.federation.engine import EngineConfig
+    from bbfl.methods.fedbpt import FedBPTConfig
+    from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_fedbpt_experiment
+    from bbfl.report import RunDir, summary_table
+
+    preset = FEDBPT_DEMO_PRESET if task == "demo" else {}
+    k_shot = k_shot if k_shot is not None else preset.get("k_shot", 200)
+    rounds = rounds if rounds is not None else preset.get("rounds", 200)
+    prompt_length = prompt_length if prompt_length is not None else preset.get("prompt_length", 50)
+    try:
+        if resume is not None:
+            rounds = RunDir.open(resume).config["engine"]["rounds"]
+        elif preset:
+            console.print(
+                f"[dim]demo preset: rounds={rounds}, k_shot={k_shot}, prompt_length={prompt_length} "
+                "(paper: 200, 200, 50 — pass flags to change)[/]"
+            )
+        data_cfg = FederatedDataConfig(
+            task=task,
+            data_dir=data_dir,
+            spec_file=spec,
+            k_shot=k_shot,
+            test_limit=test_limit,
+            num_clients=clients,
+            partition=partition,
+            alpha=alpha,
+        )
+        fed_cfg = FedBPTConfig(
+            intrinsic_dim=intrinsic_dim,
+            prompt_length=prompt_length,
+            local_popsize=local_popsize,
+            local_iter=local_iter,
+            perturb_rate=perturb_rate,
+            aggregation=aggregation,
+            seed=seed,
+        )
+        engine_cfg = EngineConfig(
+            rounds=rounds,
+            clients_per_round=clients_per_round,
+            dropout=dropout,
+            deadline=deadline,
+            transport_dtype=transport,
+            seed=seed,
+        )
+        bb_cfg = BlackBoxConfig(model=model, head=head, device=device, dtype=dtype)
+        with progress_bar() as progress:
+            bar = progress.add_task("FedBPT", total=rounds)
+
+            def update(record: dict) -> None:
+                progress.update(bar, completed=record["round"])
+                console.print(
+                    f"round {record['round']:>4}  test acc {record.get('test_accuracy', float('nan')):.4f}  "
+                    f"queries {record.get('train_queries', 0):>8,}  up {record['bytes_up_per_client']:,.0f} B  "
+                    f"down {record['bytes_down_per_client']:,} B  clients {len(record['aggregated'])}"
+                    + (f"  rejected {len(record['rejected'])}" if record["rejected"] else "")
+                )
+
+            run, records = run_fedbpt_experiment(data_cfg, fed_cfg, engine_cfg, bb_cfg, out, update, resume=resume)
+    except BBFLError as exc:
+        fail(exc)
+    last = records[-1]
+    rows = [
+        {"metric": "global test accuracy", "value": last.get("test_accuracy", float("nan"))},
+        {"metric": "best round accuracy", "value": max(r.get("test_accuracy", 0.0) for r in records)},
+        {"metric": "training queries", "value": last.get("train_queries", 0)},
+        {"metric": "bytes up / client-round", "value": last["bytes_up_per_client"]},
+        {"metric": "bytes down / client-round", "value": last["bytes_down_per_client"]},
+        {"metric": "rounds", "value": last["round"]},
+    ]
+    console.print(summary_table(rows, f"FedBPT on {data_cfg.task} ({clients} clients, {partition})"))
+    console.print(f"run directory: [bold]{run.path}[/]")
