@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
 
 from bbfl.cli._app import app, console, fail, progress_bar
-from bbfl.exceptions import BBFLError
+from bbfl.exceptions import BBFLError, ConfigError
 
 FEDBPT_DEMO_PRESET = {"rounds": 10, "k_shot": 40, "prompt_length": 10}
 
@@ -18,10 +20,12 @@ def fedbpt(
     k_shot: int | None = typer.Option(None, help="Examples per class over all clients (paper: 200)."),
     test_limit: int | None = typer.Option(None, help="Score only the first N test examples each round."),
     clients: int = typer.Option(10, help="Number of clients."),
-    clients_per_round: int | None = typer.Option(None, help="Clients sampled per round (all)."),
+    clients_per_round: int | None = typer.Option(None, help="Clients sampled per round (default: all)."),
+    fraction: float | None = typer.Option(None, help="Share of clients sampled per round (alternative to the above)."),
     rounds: int | None = typer.Option(None, help="Communication rounds (paper: 200)."),
     partition: str = typer.Option("iid", help="iid, dirichlet or shards."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew)."),
+    shards_per_client: int = typer.Option(2, help="Label shards per client for --partition shards."),
     dropout: float = typer.Option(0.0, help="Probability a sampled client drops out of a round."),
     deadline: float | None = typer.Option(None, help="Seconds before a client's update counts as late."),
     local_popsize: int = typer.Option(5, help="Client CMA-ES population."),
@@ -30,12 +34,19 @@ def fedbpt(
     prompt_length: int | None = typer.Option(None, help="L: soft-prompt tokens (paper: 50)."),
     perturb_rate: float = typer.Option(0.0, help="> 0: fitness = loss / loss on token-perturbed data (paper: 0.5)."),
     aggregation: str = typer.Option("fedbpt", help="fedbpt (server CMA-ES) or fedavg (mean of client means)."),
+    sigma0: float = typer.Option(1.0, help="Initial CMA-ES step size."),
+    min_sigma: float = typer.Option(0.5, help="Floor of the global step size (official code: 0.5)."),
+    downlink_covariance: bool = typer.Option(
+        False, help="Also send the server's covariance C to clients (d*d floats more per client-round)."
+    ),
     transport: str = typer.Option("float32", help="float32 or float16 arrays on the wire."),
     seed: int = typer.Option(42, help="Seeds data, partition, A, server and clients."),
     model: str | None = typer.Option(None, help="Local model dir or hub name (default: embedded MiniLM)."),
     head: str = typer.Option("auto", help="auto, encoder, mlm or causal."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    prompt_attention: str = typer.Option("auto", help="prefix (fast: prompt reads only itself), full, or auto."),
+    max_length: int = typer.Option(128, help="Truncate examples to this many tokens."),
     out: str = typer.Option("runs", help="Parent folder of the run directory."),
     resume: str | None = typer.Option(None, help="Continue an interrupted run directory from its last round."),
 ) -> None:
@@ -50,6 +61,10 @@ def fedbpt(
     rounds = rounds if rounds is not None else preset.get("rounds", 200)
     prompt_length = prompt_length if prompt_length is not None else preset.get("prompt_length", 50)
     try:
+        if fraction is not None:
+            if not 0.0 < fraction <= 1.0:
+                raise ConfigError(f"--fraction should be in (0, 1], got {fraction}")
+            clients_per_round = max(1, math.ceil(fraction * clients))
         if resume is not None:
             rounds = RunDir.open(resume).config["engine"]["rounds"]
         elif preset:
@@ -66,6 +81,7 @@ def fedbpt(
             num_clients=clients,
             partition=partition,
             alpha=alpha,
+            shards_per_client=shards_per_client,
         )
         fed_cfg = FedBPTConfig(
             intrinsic_dim=intrinsic_dim,
@@ -74,6 +90,9 @@ def fedbpt(
             local_iter=local_iter,
             perturb_rate=perturb_rate,
             aggregation=aggregation,
+            sigma0=sigma0,
+            min_sigma=min_sigma,
+            downlink_covariance=downlink_covariance,
             seed=seed,
         )
         engine_cfg = EngineConfig(
@@ -84,7 +103,9 @@ def fedbpt(
             transport_dtype=transport,
             seed=seed,
         )
-        bb_cfg = BlackBoxConfig(model=model, head=head, device=device, dtype=dtype)
+        bb_cfg = BlackBoxConfig(
+            model=model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
+        )
         with progress_bar() as progress:
             bar = progress.add_task("FedBPT", total=rounds)
 
@@ -103,6 +124,7 @@ def fedbpt(
     last = records[-1]
     rows = [
         {"metric": "global test accuracy", "value": last.get("test_accuracy", float("nan"))},
+        {"metric": "starting prompt accuracy (round 0)", "value": records[0].get("test_accuracy", float("nan"))},
         {"metric": "best round accuracy", "value": max(r.get("test_accuracy", 0.0) for r in records)},
         {"metric": "training queries", "value": last.get("train_queries", 0)},
         {"metric": "bytes up / client-round", "value": last["bytes_up_per_client"]},

@@ -97,6 +97,10 @@ def run_federation(
         method.load_state(arrays, json.loads(meta["method"]))
         start, records = info["round"] + 1, info["records"]
         log.info("resuming at round %d from %s", start, ckpt)
+    if start == 1:  # round 0: the starting point (z = 0, i.e. the zero-shot prompt), for curves and baselines
+        records.append(_initial_record(method))
+        if on_round is not None:
+            on_round(records[0])
     done_here = 0
     for round_ in range(start, config.rounds + 1):
         record = _run_round(method, config, round_)
@@ -111,6 +115,14 @@ def run_federation(
             break
     atomic_write_json(run_dir / "rounds.json", records)
     return records
+
+
+def _initial_record(method: FederatedMethod) -> dict:
+    start = time.perf_counter()
+    metrics = method.evaluate(0)
+    empty = {"sampled": [], "dropped": [], "late": [], "rejected": [], "aggregated": []}
+    zero_bytes = {"bytes_down_per_client": 0, "bytes_up_per_client": 0.0, "bytes_total": 0}
+    return {"round": 0, **empty, **zero_bytes, "seconds": time.perf_counter() - start, **metrics}
 
 
 def _run_round(method: FederatedMethod, config: EngineConfig, round_: int) -> dict:

@@ -92,6 +92,20 @@ class CMAES:
         self.es.sigma = float(value)
 
     @property
+    def covariance(self) -> np.ndarray:
+        """The covariance matrix C of the search distribution (x ~ mean + sigma * N(0, C)), shape [d, d]."""
+        return np.array(self.es.sm.C)
+
+    def set_covariance(self, covariance: np.ndarray) -> None:
+        """Start sampling from ``covariance`` (e.g. a server's C received by a FedBPT client)."""
+        c = np.asarray(covariance, dtype=float)
+        d = len(self.es.mean)
+        if c.shape != (d, d) or not np.all(np.isfinite(c)):
+            raise ConfigError(f"covariance must be a finite [{d}, {d}] matrix, got shape {c.shape}")
+        self.es.sm.C = (c + c.T) / 2  # symmetric even after a float16 round trip
+        self.es.sm.update_now(-1)  # eigendecompose now: pycma otherwise refreshes B, D lazily
+
+    @property
     def mu(self) -> int:
         """Number of parents recombined per generation."""
         return int(self.es.sp.weights.mu)

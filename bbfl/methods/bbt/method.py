@@ -64,6 +64,7 @@ class BBTResult:
     train_queries: int
     dev_queries: int
     history: list[dict] = field(default_factory=list)
+    z_mean: np.ndarray | None = None  # CMA-ES's final mean (FedBPT's one-client equivalence is checked on it)
 
 
 def evaluate_prompt(
@@ -154,6 +155,7 @@ def run_bbt(
         train_queries=state["queries"],
         dev_queries=state["dev_queries"],
         history=history,
+        z_mean=es.mean,
     )
 
 

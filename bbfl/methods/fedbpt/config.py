@@ -23,6 +23,8 @@ class FedBPTConfig:
         perturb_rate: > 0 makes the fitness loss(clean) / loss(tokens replaced at this rate) (paper: 0.5).
         aggregation: ``fedbpt`` (server CMA-ES tells the client means, pooled sigma) or ``fedavg``
             (average of client means and sigmas).
+        downlink_covariance: also send the server CMA-ES covariance C ([d, d]) so that clients sample
+            from it, as the official code's copied CMA object does; d^2 floats more per client-round.
         min_sigma: floor of the global step size after each round (official code: 0.5).
         prompt_init: token/text whose embedding is the prompt at z = 0.
         seed: seeds A, the server's CMA-ES and (with the engine seed) the clients.
@@ -38,6 +40,7 @@ class FedBPTConfig:
     margin: float = field(default=2.0, metadata={"help": "hinge margin"})
     perturb_rate: float = field(default=0.0, metadata={"help": "token replacement rate for the fitness ratio"})
     aggregation: Literal["fedbpt", "fedavg"] = field(default="fedbpt", metadata={"help": "server rule"})
+    downlink_covariance: bool = field(default=False, metadata={"help": "send C to clients (d^2 floats)"})
     min_sigma: float = field(default=0.5, metadata={"help": "floor of the global step size"})
     prompt_init: str = field(default=".", metadata={"help": "prompt at z = 0"})
     seed: int = field(default=42, metadata={"help": "random seed"})
@@ -52,6 +55,8 @@ class FedBPTConfig:
             raise ConfigError(f"`perturb_rate` should be in [0, 1), got {self.perturb_rate}.")
         if self.aggregation not in ("fedbpt", "fedavg"):
             raise ConfigError(f"`aggregation` should be fedbpt or fedavg, got {self.aggregation!r}.")
+        if self.downlink_covariance and self.aggregation != "fedbpt":
+            raise ConfigError("`downlink_covariance` needs aggregation='fedbpt' (fedavg keeps no covariance).")
         if self.sigma0 <= 0 or self.min_sigma < 0:
             raise ConfigError(f"`sigma0` > 0 and `min_sigma` >= 0 needed, got {self.sigma0}, {self.min_sigma}.")
 

@@ -67,7 +67,10 @@ class FedBPT(FederatedMethod):
         self.train_queries = 0
 
     def downlink(self, round_: int) -> tuple[Arrays, dict]:
-        return {"mean": self.mean.astype(np.float32)}, {"sigma": self.sigma, "round": round_}
+        arrays = {"mean": self.mean.astype(np.float32)}
+        if self.config.downlink_covariance:
+            arrays["covariance"] = self.es.covariance.astype(np.float32)
+        return arrays, {"sigma": self.sigma, "round": round_}
 
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"mean": (self.config.intrinsic_dim,)}
@@ -88,7 +91,7 @@ class FedBPT(FederatedMethod):
         }
         self._apply(step)
         self.rounds.append(step)
-        return {"global_sigma": self.sigma, "client_fitness_mean": float(fitnesses.mean())}
+        return {"client_fitness_mean": float(fitnesses.mean())}
 
     def _apply(self, step: dict) -> None:
         if self.config.aggregation == "fedavg":
@@ -136,6 +139,8 @@ class FedBPT(FederatedMethod):
     def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int):
         cfg = self.config
         es = CMAES(arrays["mean"].astype(np.float64), float(header["sigma"]), cfg.local_popsize, seed=seed)
+        if "covariance" in arrays:
+            es.set_covariance(arrays["covariance"])
         sigmas = []
         for _ in range(cfg.local_iter):
             sigmas.append(es.sigma)
@@ -164,8 +169,13 @@ class FedBPT(FederatedMethod):
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, round_: int) -> dict:
-        scores = self.blackbox.logits(self.projection(self.mean), self.test)
+        """Global prompt's test accuracy, and its loss on all clients' data (a simulation-only view)."""
+        prompt = self.projection(self.mean)
+        scores = self.blackbox.logits(prompt, self.test)
+        train_losses = [self.loss_fn(self.blackbox.logits(prompt, c), c.labels)[0] * len(c) for c in self.clients]
         return {
             "test_accuracy": float(accuracy(scores, self.test.labels)[0]),
+            "train_loss": float(sum(train_losses) / sum(len(c) for c in self.clients)),
             "train_queries": self.train_queries,
+            "global_sigma": self.sigma,
         }

@@ -1,0 +1,184 @@
+"""FedBPT vs. centralised BBT on real data: IID and Dirichlet splits, fedbpt vs. fedavg, fp16 transport.
+
+For each seed the same k-shot pool is drawn once and (a) split over the clients, or (b) given whole to
+one centralised BBT run. Centralised BBT gets the same cost as the federation, matched either on
+*queries* (candidate evaluations; BBT's unit - the issue's comparison) or on *examples scored*
+(forward passes = tokens billed), by `--match`. Both runs report the final CMA-ES mean's test
+accuracy (no dev set: FedBPT has none). Results are appended to a JSON-lines file as they finish,
+so an interrupted benchmark keeps what it measured; the markdown table is printed at the end.
+
+    python benchmarks/fedbpt_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --seeds 13 42 100 \
+        --settings central fedbpt-iid fedbpt-dir fedavg-iid fedavg-dir fedbpt-iid-fp16
+    python benchmarks/fedbpt_accuracy.py --task agnews --data-dir ../shared/data/agnews --max-length 64 \
+        --k-shot 20 --test-limit 500 --settings central fedbpt-iid fedbpt-dir
+    python benchmarks/fedbpt_accuracy.py --table results.jsonl    # only print the table of a results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bbfl.federation.engine import EngineConfig
+from bbfl.methods.bbt import BBTConfig, SubspaceProjection, evaluate_prompt, run_bbt
+from bbfl.methods.fedbpt import FedBPTConfig
+from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, prepare_federated_data, run_fedbpt_experiment
+
+SETTINGS = {
+    # name: (partition, aggregation, transport)
+    "fedbpt-iid": ("iid", "fedbpt", "float32"),
+    "fedbpt-dir": ("dirichlet", "fedbpt", "float32"),
+    "fedavg-iid": ("iid", "fedavg", "float32"),
+    "fedavg-dir": ("dirichlet", "fedavg", "float32"),
+    "fedbpt-iid-fp16": ("iid", "fedbpt", "float16"),
+    "fedbpt-dir-fp16": ("dirichlet", "fedbpt", "float16"),
+}
+
+
+def run_federated(args, seed: int, setting: str) -> dict:
+    partition, aggregation, transport = SETTINGS[setting]
+    data = _data_config(args, args.clients, partition)
+    fed = _fed_config(args, seed, aggregation)
+    engine = EngineConfig(rounds=args.rounds, seed=seed, transport_dtype=transport)
+    bb = BlackBoxConfig(max_length=args.max_length)
+    run, records = run_fedbpt_experiment(data, fed, engine, bb, tempfile.mkdtemp(prefix="bbfl-fedbpt-"))
+    last = records[-1]
+    client_sizes = json.loads((run.path / "config.json").read_text())["client_sizes"]
+    examples = sum(
+        (args.local_iter * args.local_popsize + 1) * client_sizes[c] for r in records[1:] for c in r["aggregated"]
+    )
+    return {
+        "test_acc": last["test_accuracy"],
+        "start_acc": records[0]["test_accuracy"],
+        "train_queries": last["train_queries"],
+        "train_examples": examples,
+        "bytes_up": last["bytes_up_per_client"],
+        "bytes_down": last["bytes_down_per_client"],
+        "curve": [r["test_accuracy"] for r in records],
+        "run_dir": str(run.path),
+    }
+
+
+def run_central(args, seed: int, queries: int, examples: int) -> dict:
+    """BBT on the union of the clients' data (one client, the whole pool) at the federation's cost."""
+    data = _data_config(args, 1, "iid")
+    task, (pool,), test = prepare_federated_data(data, seed)
+    blackbox = BlackBoxConfig(max_length=args.max_length).build()
+    train_e, test_e = blackbox.encode(task, pool), blackbox.encode(task, test)
+    budget = queries if args.match == "queries" else max(args.popsize, examples // len(pool))
+    cfg = BBTConfig(
+        intrinsic_dim=args.intrinsic_dim,
+        prompt_length=args.prompt_length,
+        popsize=args.popsize,
+        budget=budget,
+        eval_every=10**9,  # no dev set: score the final mean, as FedBPT does
+        seed=seed,
+    )
+    p0 = blackbox.token_embeddings(cfg.prompt_init, cfg.prompt_length)
+    projection = SubspaceProjection(cfg.intrinsic_dim, p0, blackbox.embedding_std, cfg.alpha, cfg.sigma0, seed=seed)
+    result = run_bbt(cfg, blackbox, train_e, train_e, projection, task.loss)
+    acc, _ = evaluate_prompt(blackbox, projection(result.z_mean), test_e, task.loss)
+    return {"test_acc": acc, "train_queries": result.train_queries, "train_examples": result.train_queries * len(pool)}
+
+
+def _data_config(args, clients: int, partition: str) -> FederatedDataConfig:
+    return FederatedDataConfig(
+        task=args.task,
+        data_dir=args.data_dir,
+        k_shot=args.k_shot,
+        test_limit=args.test_limit,
+        num_clients=clients,
+        partition=partition,
+        alpha=args.alpha,
+    )
+
+
+def _fed_config(args, seed: int, aggregation: str) -> FedBPTConfig:
+    return FedBPTConfig(
+        intrinsic_dim=args.intrinsic_dim,
+        prompt_length=args.prompt_length,
+        local_popsize=args.local_popsize,
+        local_iter=args.local_iter,
+        aggregation=aggregation,
+        seed=seed,
+    )
+
+
+def print_table(results: list[dict]) -> None:
+    by_setting: dict[str, list[dict]] = {}
+    for r in results:
+        by_setting.setdefault(r["setting"], []).append(r)
+    print("| setting | test accuracy (mean ± std) | per seed | train queries | examples scored | up / down B |")
+    print("|---|---|---|---|---|---|")
+    for setting, rows in by_setting.items():
+        accs = [100 * r["test_acc"] for r in rows]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        seeds = ", ".join(f"{a:.1f} (s{r['seed']})" for a, r in zip(accs, rows))
+        wire = f"{rows[0]['bytes_up']:,.0f} / {rows[0]['bytes_down']:,}" if "bytes_up" in rows[0] else "-"
+        queries = statistics.mean(r["train_queries"] for r in rows)
+        examples = statistics.mean(r["train_examples"] for r in rows)
+        print(
+            f"| {setting} | {statistics.mean(accs):.2f} ± {std:.2f} | {seeds} | {queries:,.0f} | {examples:,.0f} "
+            f"| {wire} |"
+        )
+    starts = [100 * r["start_acc"] for r in results if "start_acc" in r]
+    if starts:
+        print(f"\nstarting prompt (z = 0, zero-shot) accuracy: {statistics.mean(starts):.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[13, 42, 100])
+    ap.add_argument("--settings", nargs="+", default=["central", "fedbpt-iid", "fedbpt-dir"])
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--k-shot", type=int, default=40, help="examples per class over all clients (paper: 200)")
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--local-iter", type=int, default=8)
+    ap.add_argument("--local-popsize", type=int, default=5)
+    ap.add_argument("--popsize", type=int, default=20, help="centralised BBT population")
+    ap.add_argument("--intrinsic-dim", type=int, default=500)
+    ap.add_argument("--prompt-length", type=int, default=10)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--match", choices=["queries", "examples"], default="examples")
+    ap.add_argument("--out", default="fedbpt_results.jsonl", help="JSON-lines results file (appended)")
+    ap.add_argument("--table", default=None, help="print the table of this results file and exit")
+    args = ap.parse_args()
+    if args.table:
+        print_table([json.loads(line) for line in Path(args.table).read_text().splitlines()])
+        return
+
+    federated = [s for s in args.settings if s != "central"]
+    if not federated:
+        ap.error("--settings needs at least one federated setting: centralised BBT is matched to its cost")
+    results = []
+    for seed in args.seeds:
+        cost = None  # the seed's first federated run fixes the centralised budget
+        for setting in federated + (["central"] if "central" in args.settings else []):
+            start = time.perf_counter()
+            if setting == "central":
+                row = run_central(args, seed, *cost)
+            else:
+                row = run_federated(args, seed, setting)
+                cost = cost or (row["train_queries"], row["train_examples"])
+            row.update(setting=setting, seed=seed, seconds=time.perf_counter() - start, task=args.task)
+            results.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(
+        f"\n{args.task}: {args.clients} clients, {args.k_shot} shots/class in all, {args.rounds} rounds, "
+        f"L={args.prompt_length}, d={args.intrinsic_dim}, centralised matched on {args.match}\n"
+    )
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
