@@ -1,4 +1,4 @@
-"""Kill a BBT run for real between generations, resume it, and get the uninterrupted result."""
+"""Kill a BBT or FedBPT run for real (SIGKILL), resume it, and get the uninterrupted result."""
 
 from __future__ import annotations
 
@@ -35,11 +35,11 @@ ARGS = [
 ]
 
 
-def _bbfl(*args: str) -> subprocess.Popen:
+def _bbfl(*args: str, command: str = "bbt") -> subprocess.Popen:
     # one thread each: the two runs share the machine without oversubscribing its cores
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "bbfl.cli", "bbt", *args],
+        [sys.executable, "-m", "bbfl.cli", command, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -88,3 +88,43 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         if r.get("phase") == "bbt"
     ]
     assert gens == list(range(1, 21))  # no generation lost or logged twice
+
+
+def _rounds_done(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return [r["round"] for r in map(json.loads, lines) if r.get("phase") == "round"]
+
+
+def test_killed_fedbpt_run_resumes_to_the_same_result(tmp_path, tiny_models):
+    args = ["--model", str(tiny_models["bert"]), "--rounds", "12", "--clients", "4", "--k-shot", "8"]
+    args += ["--local-iter", "4", "--local-popsize", "4", "--intrinsic-dim", "30", "--prompt-length", "3"]
+    args += ["--test-limit", "40", "--dropout", "0.2", "--seed", "5"]
+    straight = _bbfl(*args, "--out", str(tmp_path / "straight"), command="fedbpt")
+    killed = _bbfl(*args, "--out", str(tmp_path / "killed"), command="fedbpt")
+    deadline, done = time.time() + 240, []
+    while time.time() < deadline and len(done) < 3:  # round 0 (the start) + two trained rounds
+        time.sleep(0.02)
+        assert killed.poll() is None, killed.communicate()[0]  # it must still be running to be killed
+        runs = list((tmp_path / "killed").glob("*/metrics.jsonl"))
+        done = _rounds_done(runs[0].parent) if runs else []
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    run_dir = _only_run(tmp_path / "killed")
+    before = _rounds_done(run_dir)
+    assert 2 <= before[-1] < 12, before
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = _bbfl("--resume", str(run_dir), command="fedbpt")
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_straight, _ = straight.communicate(timeout=300)
+    assert resumed.returncode == 0, out_resumed
+    assert straight.returncode == 0, out_straight
+    straight_dir = _only_run(tmp_path / "straight")
+    a, _ = load_arrays(straight_dir / "prompt.safetensors")
+    b, _ = load_arrays(run_dir / "prompt.safetensors")
+    np.testing.assert_array_equal(a["z"], b["z"])
+    rounds = [json.loads((d / "rounds.json").read_text()) for d in (straight_dir, run_dir)]
+    assert [r["test_accuracy"] for r in rounds[0]] == [r["test_accuracy"] for r in rounds[1]]
+    assert [r["dropped"] for r in rounds[0]] == [r["dropped"] for r in rounds[1]]
+    assert _rounds_done(run_dir) == list(range(13))  # no round lost or logged twice
