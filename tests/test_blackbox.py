@@ -139,3 +139,22 @@ def test_bad_config_is_a_clear_error(tiny_models):
         LocalBlackBox(str(tiny_models["gpt2"]), prompt_attention="prefix")
     with pytest.raises(ConfigError, match="cannot load"):
         LocalBlackBox("/nonexistent/model/dir")
+
+
+def test_perturbed_replaces_ordinary_tokens_only(minilm):
+    from bbfl.data import load_task
+
+    demo = load_task("demo")  # ~1,500 ordinary tokens: the replaced share is tight around the rate
+    data = minilm.encode(demo, demo.train)
+    special = set(minilm.tokenizer.all_special_ids)
+    noisy = minilm.perturbed(data, 0.5, seed=3)
+    assert [len(x) for x in noisy.input_ids] == [len(x) for x in data.input_ids]
+    flat, flat_noisy = torch.cat(data.input_ids), torch.cat(noisy.input_ids)
+    is_special = torch.tensor([int(t) in special for t in flat])
+    assert torch.equal(flat[is_special], flat_noisy[is_special])  # [CLS], [SEP], [MASK] stay put
+    changed = (flat != flat_noisy)[~is_special].float().mean().item()
+    assert 0.45 < changed < 0.55, changed
+    assert all(torch.equal(a, b) for a, b in zip(noisy.input_ids, minilm.perturbed(data, 0.5, seed=3).input_ids))
+    assert all(torch.equal(a, b) for a, b in zip(data.input_ids, minilm.perturbed(data, 0.0, seed=3).input_ids))
+    with pytest.raises(ConfigError, match="rate"):
+        minilm.perturbed(data, 1.5, seed=0)

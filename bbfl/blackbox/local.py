@@ -191,14 +191,12 @@ class LocalBlackBox:
         rng = torch.Generator().manual_seed(seed)
         special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
         vocab = self.word_embeddings.num_embeddings
-        out = []
-        for ids in data.input_ids:
-            ids = ids.cpu().clone()
-            ordinary = ~torch.isin(ids, special)
-            flip = ordinary & (torch.rand(len(ids), generator=rng) < rate)
-            candidates = torch.randint(0, vocab, (len(ids),), generator=rng)
-            candidates = torch.where(torch.isin(candidates, special), ids, candidates)
-            out.append(torch.where(flip, candidates, ids).to(self.device))
+        lengths = [len(ids) for ids in data.input_ids]
+        ids = torch.cat([x.cpu() for x in data.input_ids])  # all examples at once, split back below
+        flip = ~torch.isin(ids, special) & (torch.rand(len(ids), generator=rng) < rate)
+        candidates = torch.randint(0, vocab, (len(ids),), generator=rng)
+        candidates = torch.where(torch.isin(candidates, special), ids, candidates)
+        out = [x.to(self.device) for x in torch.split(torch.where(flip, candidates, ids), lengths)]
         return Encoded(out, data.read_at, data.labels, data.order, data.n_tokens)
 
     def _prepare_task(self, task: Task) -> None:

@@ -68,13 +68,13 @@ class BBTResult:
 
 
 def evaluate_prompt(
-    blackbox: LocalBlackBox, prompt: torch.Tensor | None, data: Encoded, loss_name: str = "ce"
+    blackbox: LocalBlackBox, prompt: torch.Tensor | None, data: Encoded, loss_name: str = "ce", margin: float = 2.0
 ) -> tuple[float, float]:
     """(accuracy, loss) of one prompt ([L, H] or [1, L, H]; ``None`` = no prompt) on ``data``."""
     if prompt is not None and prompt.dim() == 2:
         prompt = prompt[None]
     scores = blackbox.logits(prompt, data)
-    return float(accuracy(scores, data.labels)[0]), float(get_loss(loss_name)(scores, data.labels)[0])
+    return float(accuracy(scores, data.labels)[0]), float(get_loss(loss_name, margin)(scores, data.labels)[0])
 
 
 def run_bbt(
@@ -102,7 +102,7 @@ def run_bbt(
     state = _load_checkpoint(checkpoint, es) if checkpoint and Path(checkpoint).is_file() else None
     if state is None:
         zero = np.zeros(config.intrinsic_dim)
-        start_acc, start_loss = evaluate_prompt(blackbox, projection(zero), dev, loss_name)
+        start_acc, start_loss = evaluate_prompt(blackbox, projection(zero), dev, loss_name, config.margin)
         state = {
             "best": {"acc": start_acc, "loss": start_loss, "z": zero},
             "start_acc": start_acc,
@@ -132,7 +132,7 @@ def run_bbt(
         if state["queries"] >= state["next_eval"]:
             accs = []
             for z in (candidates[top], es.mean):
-                acc, loss = evaluate_prompt(blackbox, projection(z), dev, loss_name)
+                acc, loss = evaluate_prompt(blackbox, projection(z), dev, loss_name, config.margin)
                 accs.append(acc)
                 state["dev_queries"] += 1
                 if acc > best["acc"] or (acc == best["acc"] and loss < best["loss"]):
