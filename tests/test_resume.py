@@ -47,6 +47,20 @@ def _bbfl(*args: str, command: str = "bbt") -> subprocess.Popen:
     )
 
 
+def _resume_and_compare_prompts(run_dir: Path, straight: subprocess.Popen, straight_root: Path, command: str) -> Path:
+    """Resume the killed run, let both finish, check they saved the same z; returns the straight run dir."""
+    resumed = _bbfl("--resume", str(run_dir), command=command)
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_straight, _ = straight.communicate(timeout=300)
+    assert resumed.returncode == 0, out_resumed
+    assert straight.returncode == 0, out_straight
+    straight_dir = _only_run(straight_root)
+    a, _ = load_arrays(straight_dir / "prompt.safetensors")
+    b, _ = load_arrays(run_dir / "prompt.safetensors")
+    np.testing.assert_array_equal(a["z"], b["z"])
+    return straight_dir
+
+
 def _only_run(root: Path) -> Path:
     (run,) = [p for p in root.iterdir() if p.is_dir()]
     return run
@@ -70,16 +84,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert 3 <= done_before_kill < 20, done_before_kill  # 20 generations = the whole budget
     assert not (run_dir / "summary.json").exists()
 
-    resumed = _bbfl("--resume", str(run_dir))
-    out_resumed, _ = resumed.communicate(timeout=300)
-    out_straight, _ = straight.communicate(timeout=300)
-    assert resumed.returncode == 0, out_resumed
-    assert straight.returncode == 0, out_straight
-
-    straight_dir = _only_run(tmp_path / "straight")
-    a, _ = load_arrays(straight_dir / "prompt.safetensors")
-    b, _ = load_arrays(run_dir / "prompt.safetensors")
-    np.testing.assert_array_equal(a["z"], b["z"])
+    straight_dir = _resume_and_compare_prompts(run_dir, straight, tmp_path / "straight", "bbt")
     rows = [json.loads((d / "summary.json").read_text())["rows"] for d in (straight_dir, run_dir)]
     assert rows[0][2]["test_acc"] == rows[1][2]["test_acc"] and rows[0][2]["dev_acc"] == rows[1][2]["dev_acc"]
     gens = [
@@ -115,15 +120,7 @@ def test_killed_fedbpt_run_resumes_to_the_same_result(tmp_path, tiny_models):
     assert 2 <= before[-1] < 12, before
     assert not (run_dir / "summary.json").exists()
 
-    resumed = _bbfl("--resume", str(run_dir), command="fedbpt")
-    out_resumed, _ = resumed.communicate(timeout=300)
-    out_straight, _ = straight.communicate(timeout=300)
-    assert resumed.returncode == 0, out_resumed
-    assert straight.returncode == 0, out_straight
-    straight_dir = _only_run(tmp_path / "straight")
-    a, _ = load_arrays(straight_dir / "prompt.safetensors")
-    b, _ = load_arrays(run_dir / "prompt.safetensors")
-    np.testing.assert_array_equal(a["z"], b["z"])
+    straight_dir = _resume_and_compare_prompts(run_dir, straight, tmp_path / "straight", "fedbpt")
     rounds = [json.loads((d / "rounds.json").read_text()) for d in (straight_dir, run_dir)]
     assert [r["test_accuracy"] for r in rounds[0]] == [r["test_accuracy"] for r in rounds[1]]
     assert [r["dropped"] for r in rounds[0]] == [r["dropped"] for r in rounds[1]]

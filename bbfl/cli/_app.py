@@ -16,6 +16,17 @@ app = typer.Typer(
 )
 console = Console()
 
+# Options every command that drives a model shares (one definition, one help text).
+MODEL = typer.Option(
+    None, help="Local model dir, hub name or http://HOST:PORT of `bbfl serve` (default: embedded MiniLM)."
+)
+HEAD = typer.Option("auto", help="auto, encoder (similarity to label descriptions), mlm or causal.")
+DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:N or auto.")
+DTYPE = typer.Option("float32", help="float32, bfloat16 or float16 for the frozen model.")
+PROMPT_ATTENTION = typer.Option("auto", help="prefix (fast: prompt reads only itself), full, or auto.")
+MAX_LENGTH = typer.Option(128, help="Truncate examples to this many tokens.")
+OUT = typer.Option("runs", help="Parent folder of the run directory.")
+
 
 def fail(exc: Exception) -> None:
     """Print a bbfl error as one red line and exit with status 2 (no traceback for bad input)."""

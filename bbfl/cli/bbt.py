@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from bbfl.cli._app import app, console, fail, progress_bar
+from bbfl.cli._app import (
+    DEVICE,
+    DTYPE,
+    HEAD,
+    MAX_LENGTH,
+    MODEL,
+    OUT,
+    PROMPT_ATTENTION,
+    app,
+    console,
+    fail,
+    progress_bar,
+)
 from bbfl.exceptions import BBFLError
 
 # The bundled demo must finish in a few minutes on 2 CPU cores, so it runs a shorter search than
@@ -31,15 +43,15 @@ def bbt(
     eval_every: int = typer.Option(100, help="Dev selection every N training queries."),
     prompt_init: str = typer.Option(".", help="Token or text whose embedding is the prompt at z = 0."),
     seed: int = typer.Option(42, help="Seeds the few-shot draw, A and CMA-ES."),
-    model: str | None = typer.Option(None, help="Local model dir or hub name (default: embedded MiniLM)."),
-    head: str = typer.Option("auto", help="auto, encoder (similarity to label descriptions), mlm or causal."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 for the frozen model."),
-    prompt_attention: str = typer.Option("auto", help="prefix (fast: prompt reads only itself), full, or auto."),
-    max_length: int = typer.Option(128, help="Truncate examples to this many tokens."),
+    model: str | None = MODEL,
+    head: str = HEAD,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    prompt_attention: str = PROMPT_ATTENTION,
+    max_length: int = MAX_LENGTH,
     whitebox: bool = typer.Option(False, help="Also run white-box prompt tuning (backprop) as a reference."),
     whitebox_steps: int = typer.Option(200, help="Adam steps for --whitebox."),
-    out: str = typer.Option("runs", help="Parent folder of the run directory."),
+    out: str = OUT,
     resume: str | None = typer.Option(
         None, help="Continue an interrupted run directory from its checkpoint (its own settings are used)."
     ),

@@ -6,7 +6,19 @@ import math
 
 import typer
 
-from bbfl.cli._app import app, console, fail, progress_bar
+from bbfl.cli._app import (
+    DEVICE,
+    DTYPE,
+    HEAD,
+    MAX_LENGTH,
+    MODEL,
+    OUT,
+    PROMPT_ATTENTION,
+    app,
+    console,
+    fail,
+    progress_bar,
+)
 from bbfl.exceptions import BBFLError, ConfigError
 
 FEDBPT_DEMO_PRESET = {"rounds": 10, "k_shot": 40, "prompt_length": 10}
@@ -41,13 +53,13 @@ def fedbpt(
     ),
     transport: str = typer.Option("float32", help="float32 or float16 arrays on the wire."),
     seed: int = typer.Option(42, help="Seeds data, partition, A, server and clients."),
-    model: str | None = typer.Option(None, help="Local model dir or hub name (default: embedded MiniLM)."),
-    head: str = typer.Option("auto", help="auto, encoder, mlm or causal."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    prompt_attention: str = typer.Option("auto", help="prefix (fast: prompt reads only itself), full, or auto."),
-    max_length: int = typer.Option(128, help="Truncate examples to this many tokens."),
-    out: str = typer.Option("runs", help="Parent folder of the run directory."),
+    model: str | None = MODEL,
+    head: str = HEAD,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    prompt_attention: str = PROMPT_ATTENTION,
+    max_length: int = MAX_LENGTH,
+    out: str = OUT,
     resume: str | None = typer.Option(None, help="Continue an interrupted run directory from its last round."),
 ) -> None:
     """FedBPT: clients run local CMA-ES, the server aggregates search distributions (Sun et al., 2024)."""
