@@ -15,11 +15,13 @@ import numpy as np
 
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import Split, Task, few_shot, load_task
+from bbfl.data.sampling import holdout_per_client
 from bbfl.exceptions import DataError
 from bbfl.federation.engine import EngineConfig
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, checkpoint_history, evaluate_prompt, run_bbt
 from bbfl.methods.fedbpt import FedBPTConfig
 from bbfl.methods.prompt_tuning import PromptTuningConfig, tune_prompt_whitebox
+from bbfl.methods.zoopfl import ZooPFLConfig
 from bbfl.report import RunDir, save_arrays
 
 
@@ -272,7 +274,6 @@ def run_fedbpt_experiment(
     stop_after: int | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """FedBPT on the in-process engine; checkpoints every round; ``resume`` continues a run directory."""
-    from bbfl.federation.engine import run_federation
     from bbfl.methods.fedbpt import FedBPT
 
     if resume is not None:
@@ -301,15 +302,7 @@ def run_fedbpt_experiment(
     )
     per_round = engine_cfg.clients_per_round or len(clients)
     method = FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
-    done = {r["round"] for r in run.metrics() if r.get("phase") == "round"}
-
-    def log_round(record: dict) -> None:
-        if record["round"] not in done:
-            run.log({"phase": "round", **record})
-        if on_round is not None:
-            on_round(record)
-
-    records = run_federation(method, engine_cfg, run.path, log_round, stop_after=stop_after)
+    records = _federate(run, method, engine_cfg, on_round, stop_after)
     if records and records[-1]["round"] == engine_cfg.rounds:
         final = records[-1]
         save_arrays(
@@ -334,5 +327,92 @@ def run_fedbpt_experiment(
         )
         run.plot("round", ["test_accuracy"], "accuracy_vs_round.png", "FedBPT global test accuracy", where="round")
         run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
+        run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
+    return run, records
+
+
+def _federate(run: RunDir, method, engine_cfg: EngineConfig, on_round, stop_after: int | None) -> list[dict]:
+    """Run (or resume) the engine on ``run``, logging each round once to metrics.jsonl."""
+    from bbfl.federation.engine import run_federation
+
+    done = {r["round"] for r in run.metrics() if r.get("phase") == "round"}
+
+    def log_round(record: dict) -> None:
+        if record["round"] not in done:
+            run.log({"phase": "round", **record})
+        if on_round is not None:
+            on_round(record)
+
+    return run_federation(method, engine_cfg, run.path, log_round, stop_after=stop_after)
+
+
+@dataclass
+class PersonalDataConfig(FederatedDataConfig):
+    """Federated data where each client also keeps a held-out test split of its own."""
+
+    client_test_fraction: float = 0.3
+
+
+def run_zoopfl_experiment(
+    data_cfg: PersonalDataConfig,
+    zoo_cfg: ZooPFLConfig,
+    engine_cfg: EngineConfig,
+    bb_cfg: BlackBoxConfig,
+    out_root: str | Path = "runs",
+    on_round: Callable[[dict], None] | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+) -> tuple[RunDir, list[dict]]:
+    """ZooPFL on the in-process engine: global and personalised accuracy per round; resumable."""
+    from bbfl.methods.zoopfl import ZooPFL
+
+    if resume is not None:
+        run = RunDir.open(resume)
+        saved = run.config
+        data_cfg, zoo_cfg = PersonalDataConfig(**saved["data"]), ZooPFLConfig(**saved["zoopfl"])
+        engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
+    task, client_splits, test = prepare_federated_data(data_cfg, zoo_cfg.seed)
+    trains, tests = holdout_per_client(client_splits, data_cfg.client_test_fraction, zoo_cfg.seed)
+    blackbox = bb_cfg.build()
+    if resume is None:
+        config = {
+            "method": "zoopfl",
+            "data": asdict(data_cfg),
+            "zoopfl": zoo_cfg.to_dict(),
+            "engine": asdict(engine_cfg),
+            "blackbox": bb_cfg.record(blackbox),
+            "client_sizes": [[len(a), len(b)] for a, b in zip(trains, tests)],
+        }
+        run = RunDir.create(out_root, f"zoopfl-{task.name}", config)
+    method = ZooPFL(
+        zoo_cfg,
+        blackbox,
+        [blackbox.encode(task, s) for s in trains],
+        [blackbox.encode(task, s) for s in tests],
+        blackbox.encode(task, test),
+        task.num_classes,
+    )
+    records = _federate(run, method, engine_cfg, on_round, stop_after)
+    if records and records[-1]["round"] == engine_cfg.rounds:
+        final = records[-1]
+        run.write_summary(
+            {
+                "task": task.name,
+                "test_accuracy": final["test_accuracy"],
+                "personal_accuracy": final.get("personal_accuracy"),
+                "start_personal_accuracy": records[0].get("personal_accuracy"),
+                "train_queries": final["train_queries"],
+                "rounds": final["round"],
+                "bytes_up_per_client_round": final["bytes_up_per_client"],
+                "bytes_down_per_client_round": final["bytes_down_per_client"],
+            }
+        )
+        run.plot(
+            "round",
+            ["test_accuracy", "personal_accuracy"],
+            "accuracy_vs_round.png",
+            "ZooPFL: global and personalised accuracy",
+            where="round",
+        )
         run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
     return run, records

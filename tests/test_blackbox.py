@@ -158,3 +158,19 @@ def test_perturbed_replaces_ordinary_tokens_only(minilm):
     assert all(torch.equal(a, b) for a, b in zip(data.input_ids, minilm.perturbed(data, 0.0, seed=3).input_ids))
     with pytest.raises(ConfigError, match="rate"):
         minilm.perturbed(data, 1.5, seed=0)
+
+
+def test_paired_prompts_score_each_example_with_its_own_prompt(task):
+    bb = LocalBlackBox(prompt_attention="full")
+    data = bb.encode(task, task.train)
+    shared = _prompts(bb, 2, length=3)
+    same = shared[:, None].expand(-1, len(data), -1, -1)
+    torch.testing.assert_close(bb.paired_logits(same, data), bb.logits(shared, data), atol=1e-4, rtol=1e-4)
+    own = torch.stack([_prompts(bb, len(data), length=3, seed=s) for s in (1, 2)])  # [2, B, 3, H]
+    paired = bb.paired_logits(own, data)
+    for b in range(len(data)):
+        one = bb.encode(task, task.train.subset([b]))
+        torch.testing.assert_close(paired[:, b : b + 1], bb.logits(own[:, b], one), atol=1e-4, rtol=1e-4)
+    assert bb.counter.stats.queries == 2 + 2 + 2 + 2 * len(data)
+    with pytest.raises(ConfigError, match="paired prompts"):
+        bb.paired_logits(shared, data)

@@ -240,15 +240,36 @@ class LocalBlackBox:
                 torch.cuda.synchronize()
         return out
 
-    def forward(self, prompts: torch.Tensor | None, data: Encoded) -> torch.Tensor:
-        """The scoring pass itself, without accounting or inference mode (white-box tuning backprops it)."""
+    def paired_logits(self, prompts: torch.Tensor, data: Encoded) -> torch.Tensor:
+        """[K, B, C] scores where example b reads its own prompt ``prompts[k, b]`` ([K, B, L, H]).
+
+        For input-dependent prompts (ZooPFL's input surgery): K versions of a per-example prompt,
+        e.g. the unperturbed one and K - 1 zeroth-order probes. Counts K queries of B examples.
+        """
+        if prompts.dim() != 4 or prompts.shape[1] != len(data):
+            raise ConfigError(f"paired prompts must be [K, {len(data)}, L, H], got {tuple(prompts.shape)}")
+        n_cand, _, n_prompt, _ = prompts.shape
+        tokens = n_cand * (data.n_tokens + n_prompt * len(data))
+        with self.counter.charge(queries=n_cand, examples=n_cand * len(data), tokens=tokens):
+            with torch.inference_mode():
+                out = self.forward(prompts, data, paired=True)
+        return out
+
+    def forward(self, prompts: torch.Tensor | None, data: Encoded, paired: bool = False) -> torch.Tensor:
+        """The scoring pass itself, without accounting or inference mode (white-box tuning backprops it).
+
+        ``paired``: prompts are [K, B, L, H], one per example (see :meth:`paired_logits`).
+        """
         if prompts is None:
             prompts = torch.zeros(1, 0, self.hidden_size, device=self.device)
         prompts = prompts.to(self.device, self.dtype)
-        n_cand, n_prompt, _ = prompts.shape
+        if paired:
+            prompts = prompts[:, data.order.to(prompts.device)]  # into the length order of data.input_ids
+        n_cand, n_prompt = prompts.shape[0], prompts.shape[-2]
         rows, row = [], []
         for cand, ex in _chunks(n_cand, [len(t) + n_prompt for t in data.input_ids], self.max_tokens):
-            row.append(self._score_chunk(prompts[cand], data, ex).float())
+            chunk = prompts[cand, ex] if paired else prompts[cand]
+            row.append(self._score_chunk(chunk, data, ex).float())
             if ex.stop == len(data):  # this candidate chunk has seen every example
                 rows.append(torch.cat(row, 1))
                 row = []
@@ -263,19 +284,18 @@ class LocalBlackBox:
         input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self._pad_id())
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in ids], batch_first=True)
         insert_at = self._insert_at()
-        if self.prompt_attention == "prefix":
+        if self.prompt_attention == "prefix" and prompts.dim() == 3:  # per-example prompts take the full path
             hidden = prefix_encode(self.body, prompts, input_ids, mask, insert_at)  # [p, b, T, H]
         else:
             hidden = self._full_encode(prompts, input_ids, mask, insert_at)
         return self._read_out(hidden, mask, data.read_at[ex])
 
     def _full_encode(self, prompts, input_ids, mask, insert_at) -> torch.Tensor:
-        n_cand, n_prompt, _ = prompts.shape
+        n_cand, n_prompt = prompts.shape[0], prompts.shape[-2]
         n_ex = input_ids.shape[0]
         words = self.word_embeddings(input_ids)[None].expand(n_cand, -1, -1, -1)
-        embeds = torch.cat(
-            [words[:, :, :insert_at], prompts[:, None].expand(-1, n_ex, -1, -1), words[:, :, insert_at:]], 2
-        ).flatten(0, 1)
+        per_example = prompts if prompts.dim() == 4 else prompts[:, None].expand(-1, n_ex, -1, -1)
+        embeds = torch.cat([words[:, :, :insert_at], per_example, words[:, :, insert_at:]], 2).flatten(0, 1)
         full_mask = torch.cat([mask[:, :insert_at], mask.new_ones(n_ex, n_prompt), mask[:, insert_at:]], 1)
         hidden = self.body(inputs_embeds=embeds, attention_mask=full_mask.repeat(n_cand, 1)).last_hidden_state
         hidden = hidden.unflatten(0, (n_cand, n_ex))

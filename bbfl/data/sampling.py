@@ -32,3 +32,9 @@ def split_train_test(split: Split, test_fraction: float, seed: int) -> tuple[Spl
     order = np.random.default_rng(seed).permutation(len(split))
     n_test = max(1, int(round(len(split) * test_fraction)))
     return split.subset(order[n_test:]), split.subset(order[:n_test])
+
+
+def holdout_per_client(splits: list[Split], test_fraction: float, seed: int) -> tuple[list[Split], list[Split]]:
+    """Each client's own (train, test): personalised methods are scored on data from the client's distribution."""
+    pairs = [split_train_test(s, test_fraction, seed + i) for i, s in enumerate(splits)]
+    return [train for train, _ in pairs], [test for _, test in pairs]

@@ -95,6 +95,7 @@ def run_federation(
         if info["num_clients"] != method.num_clients:
             raise CheckpointError(f"{ckpt} was written for {info['num_clients']} clients, not {method.num_clients}")
         method.load_state(arrays, json.loads(meta["method"]))
+        _load_client_states(method, run_dir, info["round"])
         start, records = info["round"] + 1, info["records"]
         log.info("resuming at round %d from %s", start, ckpt)
     if start == 1:  # round 0: the starting point (z = 0, i.e. the zero-shot prompt), for curves and baselines
@@ -105,9 +106,13 @@ def run_federation(
     for round_ in range(start, config.rounds + 1):
         record = _run_round(method, config, round_)
         records.append(record)
+        # client states first, then the server checkpoint that declares the round done (see below)
+        ran = sorted(set(record["sampled"]) - set(record["dropped"]))
+        _save_client_states(method, run_dir, round_, ran)
         arrays, header = method.state()
         engine_meta = {"round": round_, "records": records, "num_clients": method.num_clients}
         save_arrays(ckpt, arrays, {"engine": json.dumps(engine_meta), "method": json.dumps(header)})
+        _prune_client_states(run_dir, ran, keep=round_)
         if on_round is not None:
             on_round(record)
         done_here += 1
@@ -115,6 +120,38 @@ def run_federation(
             break
     atomic_write_json(run_dir / "rounds.json", records)
     return records
+
+
+# Private client states live in clients/<client>.r<round>.safetensors. A round's files are written
+# before the server checkpoint that marks the round done; a resume from round R loads each client's
+# newest file from a round <= R and deletes files of the unfinished round, so a crash anywhere leaves
+# a consistent pair (server state, client states).
+def _client_files(run_dir: Path, client: int) -> dict[int, Path]:
+    return {int(p.suffixes[0][2:]): p for p in (run_dir / "clients").glob(f"{client}.r*.safetensors")}
+
+
+def _save_client_states(method: FederatedMethod, run_dir: Path, round_: int, clients: list[int]) -> None:
+    for client in clients:
+        arrays = method.client_state(client)
+        if arrays is not None:
+            save_arrays(run_dir / "clients" / f"{client}.r{round_}.safetensors", arrays)
+
+
+def _prune_client_states(run_dir: Path, clients: list[int], keep: int) -> None:
+    for client in clients:
+        for r, path in _client_files(run_dir, client).items():
+            if r < keep:
+                path.unlink()
+
+
+def _load_client_states(method: FederatedMethod, run_dir: Path, done_round: int) -> None:
+    for client in range(method.num_clients):
+        files = _client_files(run_dir, client)
+        for r in [r for r in files if r > done_round]:  # written by a round that never finished
+            files.pop(r).unlink()
+        if files:
+            arrays, _ = load_arrays(files[max(files)])
+            method.load_client_state(client, arrays)
 
 
 def _initial_record(method: FederatedMethod) -> dict:

@@ -73,6 +73,9 @@ def validate_update(
     missing = sorted(set(expected_shapes) - set(arrays))
     if missing:
         raise InvalidUpdate(f"missing array(s) {missing}")
+    unexpected = sorted(set(arrays) - set(expected_shapes))
+    if unexpected:
+        raise InvalidUpdate(f"unexpected array(s) {unexpected}")
     for name, shape in expected_shapes.items():
         value = arrays[name]
         if tuple(value.shape) != tuple(shape):

@@ -45,3 +45,13 @@ class FederatedMethod(ABC):
     @abstractmethod
     def load_state(self, arrays: Arrays, header: dict) -> None:
         """Inverse of :meth:`state`."""
+
+    # Per-client state (personalised parts that never leave a client). Methods without any keep these
+    # defaults; the engine persists what ``client_state`` returns next to its checkpoint.
+    def client_state(self, client: int) -> Arrays | None:
+        """The private state of ``client`` (arrays only), or ``None``."""
+        return None
+
+    def load_client_state(self, client: int, arrays: Arrays) -> None:
+        """Inverse of :meth:`client_state` (called on resume)."""
+        return None  # stateless clients: nothing to restore

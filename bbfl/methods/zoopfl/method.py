@@ -1,0 +1,285 @@
+"""ZooPFL: personalised FL through input surgery and semantic re-mapping around a black-box model.
+
+Implementation based on the description of Lu et al., "ZooPFL: Exploring Black-box Foundation Models
+for Personalized Federated Learning" (arXiv 2310.05143), which has no public code. Our choices:
+
+* **Input surgery** = a shared encoder E (features -> latent u in [-1, 1]^r) + a private client
+  embedding e_c (k numbers), decoded by a *fixed random* linear map D (BBT's scaling, rebuilt from the
+  seed, never trained or sent) into a per-example soft prefix p0 + D [u, e_c] of L tokens. The fixed
+  decoder is ZO-AE-DS's "decoder as part of the black box": zeroth-order estimates are taken in the
+  (r + k)-dimensional code space, then chained into E and e_c by ordinary local backprop.
+* **Features** of an example = the mean of its tokens' input word embeddings (the embedding access a
+  soft-prompt black box already grants), scaled by the embedding std.
+* **Reconstruction pre-training**: in its first round a client trains E with a reconstruction head R
+  (latent -> features, MSE); R is shared and averaged like E.
+* **Semantic re-mapping** = a private linear layer on the black box's class scores (identity at the
+  start), trained locally by ordinary gradients on the returned scores.
+* **What moves**: only E and R (a few thousand floats). e_c and the re-mapping layer never leave the
+  client. With ``federate=False`` E and R stay local too (the local-only baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bbfl.blackbox import Encoded, LocalBlackBox
+from bbfl.methods.base import Arrays, FederatedMethod
+from bbfl.methods.zoopfl.config import ZooPFLConfig
+
+
+class SurgeryEncoder(nn.Module):
+    """The shared part of the input surgery: features [B, F] -> latent [B, r], plus its reconstruction head."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.encode = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, latent_dim), nn.Tanh()
+        )
+        self.reconstruct = nn.Linear(latent_dim, in_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.encode(features)
+
+
+def example_features(blackbox: LocalBlackBox, data: Encoded) -> torch.Tensor:
+    """[B, H] mean input word embedding of each example's ordinary tokens (original order), / embedding std."""
+    special = torch.tensor(sorted(set(blackbox.tokenizer.all_special_ids)))
+    table = blackbox.word_embeddings.weight.detach().float().cpu()
+    feats = torch.stack([table[ids.cpu()[~torch.isin(ids.cpu(), special)]].mean(0) for ids in data.input_ids])
+    out = torch.empty_like(feats)
+    out[data.order.cpu()] = feats  # data.input_ids are in length order
+    return torch.nan_to_num(out / blackbox.embedding_std)  # an example of only special tokens -> zeros
+
+
+class ZooPFL(FederatedMethod):
+    """Server state (shared surgery weights) and client update of ZooPFL over a soft-prompt black box."""
+
+    def __init__(
+        self,
+        config: ZooPFLConfig,
+        blackbox: LocalBlackBox,
+        clients: list[Encoded],
+        client_tests: list[Encoded],
+        test: Encoded,
+        num_classes: int,
+    ) -> None:
+        self.config, self.blackbox, self.clients, self.client_tests, self.test = (
+            config,
+            blackbox,
+            clients,
+            client_tests,
+            test,
+        )
+        self.num_clients, self.num_classes = len(clients), num_classes
+        self.features = [example_features(blackbox, c) for c in clients]
+        self.test_features = [example_features(blackbox, c) for c in client_tests]
+        self.global_test_features = example_features(blackbox, test)
+        self.p0 = blackbox.token_embeddings(".", config.prompt_length).cpu()
+        generator = torch.Generator().manual_seed(config.seed)
+        std = config.alpha * blackbox.embedding_std / math.sqrt(config.code_dim)
+        n_out = config.prompt_length * blackbox.hidden_size
+        self.decoder = torch.randn(n_out, config.code_dim, generator=generator) * std  # fixed, never sent
+        torch.manual_seed(config.seed)  # the initial shared weights: the same on every run with this seed
+        self.encoder = SurgeryEncoder(blackbox.hidden_size, config.hidden_dim, config.latent_dim)
+        self.client_states: dict[int, Arrays] = {}
+        self.train_queries = 0
+
+    # ---------------------------------------------------------------- shared weights <-> arrays
+    def _shared_arrays(self, module: SurgeryEncoder) -> Arrays:
+        return {name: p.detach().numpy().astype(np.float32).copy() for name, p in module.state_dict().items()}
+
+    def _module_from(self, arrays: Arrays) -> SurgeryEncoder:
+        module = SurgeryEncoder(self.blackbox.hidden_size, self.config.hidden_dim, self.config.latent_dim)
+        module.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
+        return module
+
+    def update_shapes(self) -> dict[str, tuple[int, ...]]:
+        if not self.config.federate:
+            return {}
+        return {name: tuple(p.shape) for name, p in self.encoder.state_dict().items()}
+
+    def downlink(self, round_: int) -> tuple[Arrays, dict]:
+        if not self.config.federate:  # local-only: nothing to send
+            return {}, {"round": round_}
+        return self._shared_arrays(self.encoder), {"round": round_}
+
+    # ---------------------------------------------------------------- client
+    def _client_state(self, client: int) -> Arrays:
+        if client not in self.client_states:
+            c, k = self.num_classes, self.config.client_embed_dim
+            self.client_states[client] = {
+                "embedding": np.zeros(k, np.float32),
+                "remap_weight": np.eye(c, dtype=np.float32),
+                "remap_bias": np.zeros(c, np.float32),
+                "pretrained": np.zeros(1, np.float32),
+            }
+        return self.client_states[client]
+
+    def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int):
+        cfg, state = self.config, self._client_state(client)
+        personal = {k[4:]: v for k, v in state.items() if k.startswith("enc.")}
+        encoder = self._module_from(arrays if cfg.federate else (personal or self._shared_arrays(self.encoder)))
+        embedding = torch.tensor(state["embedding"], requires_grad=True)
+        remap_w = torch.tensor(state["remap_weight"], requires_grad=True)
+        remap_b = torch.tensor(state["remap_bias"], requires_grad=True)
+        feats, data = self.features[client], self.clients[client]
+        generator = torch.Generator().manual_seed(seed)
+        if cfg.surgery and cfg.pretrain_steps and not state["pretrained"][0]:
+            _pretrain_autoencoder(encoder, feats, cfg.pretrain_steps)
+            state["pretrained"][:] = 1
+        opt = torch.optim.Adam([*encoder.parameters(), embedding], lr=cfg.lr)
+        opt_remap = torch.optim.Adam([remap_w, remap_b], lr=cfg.remap_lr)
+        losses, fixed_scores = [], None
+        for _ in range(cfg.local_steps):
+            if cfg.surgery:
+                scores, loss = self._zeroth_order_step(encoder, embedding, remap_w, remap_b, feats, data, generator)
+                opt.step()
+            else:  # re-mapping only: the black box's scores never change, ask once
+                if fixed_scores is None:
+                    fixed_scores = self._scores(encoder, embedding, feats, data)
+                    self.train_queries += 1
+                scores = fixed_scores
+                loss = F.cross_entropy(scores @ remap_w.detach().T + remap_b.detach(), data.labels.cpu()).item()
+            losses.append(loss)
+            if cfg.remap:
+                _fit_remap(remap_w, remap_b, opt_remap, scores, data.labels.cpu(), cfg.remap_steps)
+        state["embedding"] = embedding.detach().numpy().copy()
+        state["remap_weight"] = remap_w.detach().numpy().copy()
+        state["remap_bias"] = remap_b.detach().numpy().copy()
+        shared = self._shared_arrays(encoder)
+        if not cfg.federate:
+            state.update({f"enc.{k}": v for k, v in shared.items()})
+            shared = {}
+        return shared, {"examples": len(data), "train_loss": float(np.mean(losses))}
+
+    def _zeroth_order_step(self, encoder, embedding, remap_w, remap_b, feats, data, generator):
+        """One ZO step: probe the black box around each example's code, backprop the estimate into E and e_c."""
+        cfg = self.config
+        code = torch.cat([encoder(feats), embedding.expand(len(feats), -1)], 1)  # [B, D], in the graph
+        if cfg.estimator == "coordinate":
+            directions = torch.eye(cfg.code_dim)
+        else:
+            directions = torch.randn(cfg.zo_queries, cfg.code_dim, generator=generator)
+        seen = {}
+
+        def loss_at(codes: torch.Tensor) -> torch.Tensor:
+            scores = self.blackbox.paired_logits(self._prefixes(codes), data).cpu().clone()  # [K, B, C]
+            self.train_queries += len(codes)
+            seen["scores"] = scores[0]
+            return _per_example_ce(scores @ remap_w.detach().T + remap_b.detach(), data.labels.cpu())
+
+        grad_code, base_loss = zo_code_gradient(loss_at, code.detach(), directions, cfg.zo_mu, cfg.estimator)
+        encoder.zero_grad()
+        embedding.grad = None
+        code.backward(grad_code / len(feats))  # chain rule into the white-box encoder and the embedding
+        return seen["scores"], float(base_loss.mean())
+
+    def _prefixes(self, codes: torch.Tensor) -> torch.Tensor:
+        """[..., D] codes -> [..., L, H] soft prefixes p0 + D code."""
+        out = (codes @ self.decoder.T).unflatten(-1, self.p0.shape)
+        return out + self.p0
+
+    def _scores(self, encoder, embedding, feats, data) -> torch.Tensor:
+        with torch.no_grad():
+            code = torch.cat([encoder(feats), embedding.expand(len(feats), -1)], 1)
+            return self.blackbox.paired_logits(self._prefixes(code)[None], data)[0].cpu().clone()
+
+    # ---------------------------------------------------------------- server
+    def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
+        losses = [h["train_loss"] for _, _, h in updates]
+        if self.config.federate:
+            weights = np.array([h["examples"] for _, _, h in updates], dtype=np.float64)
+            weights /= weights.sum()
+            mean = {
+                k: sum(w * u[k].astype(np.float64) for w, (_, u, _) in zip(weights, updates)) for k in updates[0][1]
+            }
+            self.encoder = self._module_from(mean)
+        return {"client_train_loss": float(np.mean(losses))}
+
+    def evaluate(self, round_: int) -> dict:
+        """Global accuracy (shared surgery, neutral embedding, no re-mapping) and personalised accuracy."""
+        zeros = torch.zeros(self.config.client_embed_dim)
+        scores = self._scores(self.encoder, zeros, self.global_test_features, self.test)
+        out = {"test_accuracy": _accuracy(scores, self.test.labels), "train_queries": self.train_queries}
+        correct, total, per_client = 0.0, 0, []
+        for c, (data, feats) in enumerate(zip(self.client_tests, self.test_features)):
+            if len(data) == 0:
+                continue
+            acc = self._personal_accuracy(c, data, feats)
+            per_client.append(acc)
+            correct, total = correct + acc * len(data), total + len(data)
+        if per_client:
+            out.update(personal_accuracy=correct / total, personal_accuracy_min=min(per_client))
+        return out
+
+    def _personal_accuracy(self, client: int, data: Encoded, feats: torch.Tensor) -> float:
+        state = self._client_state(client)
+        personal = {k[4:]: v for k, v in state.items() if k.startswith("enc.")}
+        encoder = self._module_from(personal) if personal else self.encoder
+        scores = self._scores(encoder, torch.from_numpy(state["embedding"]), feats, data)
+        mapped = scores @ torch.from_numpy(state["remap_weight"]).T + torch.from_numpy(state["remap_bias"])
+        return _accuracy(mapped, data.labels)
+
+    def state(self) -> tuple[Arrays, dict]:
+        return self._shared_arrays(self.encoder), {"train_queries": self.train_queries}
+
+    def load_state(self, arrays: Arrays, header: dict) -> None:
+        self.encoder = self._module_from(arrays)
+        self.train_queries = header["train_queries"]
+
+    def client_state(self, client: int) -> Arrays | None:
+        return self.client_states.get(client)
+
+    def load_client_state(self, client: int, arrays: Arrays) -> None:
+        self.client_states[client] = {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
+
+
+def zo_code_gradient(
+    loss_at, code: torch.Tensor, directions: torch.Tensor, mu: float, estimator: str = "random"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroth-order estimate of d loss_b / d code_b for every example b, from one batched black-box call.
+
+    ``loss_at`` maps codes [K, B, D] to per-example losses [K, B]; it is called once with the code and
+    the K - 1 probes code + mu * direction. ``random``: Gaussian directions [q, D], estimate
+    (1/q) sum_j (l(c + mu v_j) - l(c)) / mu * v_j (unbiased for the mu-smoothed loss); ``coordinate``:
+    directions = the identity, one forward difference per coordinate. Returns (gradient [B, D], loss [B]).
+    """
+    with torch.no_grad():
+        probes = torch.cat([code[None], code[None] + mu * directions[:, None]])  # [K, B, D]
+        losses = loss_at(probes)
+        slopes = (losses[1:] - losses[0]) / mu  # [q, B] directional derivatives
+        scale = 1.0 if estimator == "coordinate" else 1.0 / len(directions)
+        return slopes.T @ directions * scale, losses[0]
+
+
+def _per_example_ce(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[K, B, C] scores -> [K, B] cross-entropy of each example."""
+    flat = F.cross_entropy(scores.flatten(0, 1), labels.repeat(scores.shape[0]), reduction="none")
+    return flat.view(scores.shape[0], -1)
+
+
+def _pretrain_autoencoder(encoder: SurgeryEncoder, feats: torch.Tensor, steps: int) -> None:
+    """Reconstruction pre-training: features -> latent -> features (MSE), local data only."""
+    opt = torch.optim.Adam(encoder.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(encoder.reconstruct(encoder(feats)), feats).backward()
+        opt.step()
+
+
+def _fit_remap(weight, bias, opt, scores: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
+    """Semantic re-mapping: a few gradient steps of a linear layer on the (fixed) black-box scores."""
+    scores = scores.clone()  # black-box scores come from inference mode; a normal tensor can enter autograd
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(scores @ weight.T + bias, labels).backward()
+        opt.step()
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((scores.argmax(-1) == labels.cpu()).float().mean())
