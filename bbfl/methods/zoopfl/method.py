@@ -14,8 +14,9 @@ for Personalized Federated Learning" (arXiv 2310.05143), which has no public cod
   (latent -> features, MSE); R is shared and averaged like E.
 * **Semantic re-mapping** = a private linear layer on the black box's class scores (identity at the
   start), trained locally by ordinary gradients on the returned scores.
-* **What moves**: only E and R (a few thousand floats). e_c and the re-mapping layer never leave the
-  client. With ``federate=False`` E and R stay local too (the local-only baseline).
+* **What moves**: only E and R (28.7k floats with MiniLM, H = 384: 115 KB in fp32). e_c and the re-mapping layer never leave the
+  client. With ``federate=False`` E and R stay local too (the local-only baseline); with
+  ``surgery=False`` (re-mapping only) nothing is sent at all.
 """
 
 from __future__ import annotations
@@ -98,13 +99,18 @@ class ZooPFL(FederatedMethod):
         module.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
         return module
 
+    @property
+    def _shares_surgery(self) -> bool:
+        # nothing shared is trained without surgery, and nothing is shared without federation
+        return self.config.federate and self.config.surgery
+
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
-        if not self.config.federate:
+        if not self._shares_surgery:
             return {}
         return {name: tuple(p.shape) for name, p in self.encoder.state_dict().items()}
 
     def downlink(self, round_: int) -> tuple[Arrays, dict]:
-        if not self.config.federate:  # local-only: nothing to send
+        if not self._shares_surgery:  # local-only or re-mapping only: nothing to send
             return {}, {"round": round_}
         return self._shared_arrays(self.encoder), {"round": round_}
 
@@ -123,7 +129,7 @@ class ZooPFL(FederatedMethod):
     def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int):
         cfg, state = self.config, self._client_state(client)
         personal = {k[4:]: v for k, v in state.items() if k.startswith("enc.")}
-        encoder = self._module_from(arrays if cfg.federate else (personal or self._shared_arrays(self.encoder)))
+        encoder = self._module_from(arrays if self._shares_surgery else (personal or self._shared_arrays(self.encoder)))
         embedding = torch.tensor(state["embedding"], requires_grad=True)
         remap_w = torch.tensor(state["remap_weight"], requires_grad=True)
         remap_b = torch.tensor(state["remap_bias"], requires_grad=True)
@@ -152,8 +158,9 @@ class ZooPFL(FederatedMethod):
         state["remap_weight"] = remap_w.detach().numpy().copy()
         state["remap_bias"] = remap_b.detach().numpy().copy()
         shared = self._shared_arrays(encoder)
-        if not cfg.federate:
-            state.update({f"enc.{k}": v for k, v in shared.items()})
+        if not self._shares_surgery:
+            if cfg.surgery:  # local-only: the client's own surgery is private state
+                state.update({f"enc.{k}": v for k, v in shared.items()})
             shared = {}
         return shared, {"examples": len(data), "train_loss": float(np.mean(losses))}
 
@@ -192,7 +199,7 @@ class ZooPFL(FederatedMethod):
     # ---------------------------------------------------------------- server
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
         losses = [h["train_loss"] for _, _, h in updates]
-        if self.config.federate:
+        if self._shares_surgery:
             weights = np.array([h["examples"] for _, _, h in updates], dtype=np.float64)
             weights /= weights.sum()
             mean = {
