@@ -14,9 +14,9 @@ for Personalized Federated Learning" (arXiv 2310.05143), which has no public cod
   (latent -> features, MSE); R is shared and averaged like E.
 * **Semantic re-mapping** = a private linear layer on the black box's class scores (identity at the
   start), trained locally by ordinary gradients on the returned scores.
-* **What moves**: only E and R (28.7k floats with MiniLM, H = 384: 115 KB in fp32). e_c and the re-mapping layer never leave the
-  client. With ``federate=False`` E and R stay local too (the local-only baseline); with
-  ``surgery=False`` (re-mapping only) nothing is sent at all.
+* **What moves**: only E and R (28.7k floats with MiniLM, H = 384: 115 KB in fp32). e_c and the
+  re-mapping layer never leave the client. With ``federate=False`` E and R stay local too (the
+  local-only baseline); with ``surgery=False`` (re-mapping only) nothing is sent at all.
 """
 
 from __future__ import annotations
