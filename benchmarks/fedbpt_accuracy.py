@@ -28,27 +28,31 @@ from bbfl.methods.bbt import BBTConfig, SubspaceProjection, evaluate_prompt, run
 from bbfl.methods.fedbpt import FedBPTConfig
 from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, prepare_federated_data, run_fedbpt_experiment
 
+PAPER = {"perturb_rate": 0.5, "downlink_covariance": True}  # the official fitness ratio and C in the downlink
 SETTINGS = {
-    # name: (partition, aggregation, transport)
-    "fedbpt-iid": ("iid", "fedbpt", "float32"),
-    "fedbpt-dir": ("dirichlet", "fedbpt", "float32"),
-    "fedavg-iid": ("iid", "fedavg", "float32"),
-    "fedavg-dir": ("dirichlet", "fedavg", "float32"),
-    "fedbpt-iid-fp16": ("iid", "fedbpt", "float16"),
-    "fedbpt-dir-fp16": ("dirichlet", "fedbpt", "float16"),
+    # name: (partition, aggregation, transport, further FedBPTConfig fields)
+    "fedbpt-iid": ("iid", "fedbpt", "float32", {}),
+    "fedbpt-dir": ("dirichlet", "fedbpt", "float32", {}),
+    "fedavg-iid": ("iid", "fedavg", "float32", {}),
+    "fedavg-dir": ("dirichlet", "fedavg", "float32", {}),
+    "fedbpt-iid-fp16": ("iid", "fedbpt", "float16", {}),
+    "fedbpt-dir-fp16": ("dirichlet", "fedbpt", "float16", {}),
+    "fedbpt-iid-paper": ("iid", "fedbpt", "float32", PAPER),
+    "fedbpt-dir-paper": ("dirichlet", "fedbpt", "float32", PAPER),
 }
 
 
 def run_federated(args, seed: int, setting: str) -> dict:
-    partition, aggregation, transport = SETTINGS[setting]
+    partition, aggregation, transport, extra = SETTINGS[setting]
     data = _data_config(args, args.clients, partition)
-    fed = _fed_config(args, seed, aggregation)
+    fed = _fed_config(args, seed, aggregation, **extra)
     engine = EngineConfig(rounds=args.rounds, seed=seed, transport_dtype=transport)
     bb = BlackBoxConfig(max_length=args.max_length)
     run, records = run_fedbpt_experiment(data, fed, engine, bb, tempfile.mkdtemp(prefix="bbfl-fedbpt-"))
     last = records[-1]
     client_sizes = json.loads((run.path / "config.json").read_text())["client_sizes"]
-    examples = sum(
+    copies = 2 if fed.perturb_rate > 0 else 1  # the fitness ratio also scores the perturbed copy
+    examples = copies * sum(
         (args.local_iter * args.local_popsize + 1) * client_sizes[c] for r in records[1:] for c in r["aggregated"]
     )
     return {
@@ -97,7 +101,7 @@ def _data_config(args, clients: int, partition: str) -> FederatedDataConfig:
     )
 
 
-def _fed_config(args, seed: int, aggregation: str) -> FedBPTConfig:
+def _fed_config(args, seed: int, aggregation: str, **extra) -> FedBPTConfig:
     return FedBPTConfig(
         intrinsic_dim=args.intrinsic_dim,
         prompt_length=args.prompt_length,
@@ -105,6 +109,7 @@ def _fed_config(args, seed: int, aggregation: str) -> FedBPTConfig:
         local_iter=args.local_iter,
         aggregation=aggregation,
         seed=seed,
+        **extra,
     )
 
 
