@@ -274,8 +274,6 @@ def run_fedbpt_experiment(
     stop_after: int | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """FedBPT on the in-process engine; checkpoints every round; ``resume`` continues a run directory."""
-    from bbfl.methods.fedbpt import FedBPT
-
     if resume is not None:
         run = RunDir.open(resume)
         saved = run.config
@@ -294,14 +292,8 @@ def run_fedbpt_experiment(
             "client_sizes": [len(s) for s in client_splits],
         }
         run = RunDir.create(out_root, f"fedbpt-{task.name}", config)
-    loss_name = task.loss if fed_cfg.loss == "auto" else fed_cfg.loss
-    clients = [blackbox.encode(task, s) for s in client_splits]
-    p0 = blackbox.token_embeddings(fed_cfg.prompt_init, fed_cfg.prompt_length)
-    projection = SubspaceProjection(
-        fed_cfg.intrinsic_dim, p0, blackbox.embedding_std, fed_cfg.alpha, fed_cfg.sigma0, seed=fed_cfg.seed
-    )
-    per_round = engine_cfg.clients_per_round or len(clients)
-    method = FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
+    method = _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test)
+    projection, p0 = method.projection, method.projection.p0
     records = _federate(run, method, engine_cfg, on_round, stop_after)
     if records and records[-1]["round"] == engine_cfg.rounds:
         final = records[-1]
@@ -329,6 +321,43 @@ def run_fedbpt_experiment(
         run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
         run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
     return run, records
+
+
+def _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test):
+    from bbfl.methods.fedbpt import FedBPT
+
+    loss_name = task.loss if fed_cfg.loss == "auto" else fed_cfg.loss
+    clients = [blackbox.encode(task, s) for s in client_splits]
+    p0 = blackbox.token_embeddings(fed_cfg.prompt_init, fed_cfg.prompt_length)
+    projection = SubspaceProjection(
+        fed_cfg.intrinsic_dim, p0, blackbox.embedding_std, fed_cfg.alpha, fed_cfg.sigma0, seed=fed_cfg.seed
+    )
+    per_round = engine_cfg.clients_per_round or len(clients)
+    return FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
+
+
+def _zoopfl_method(zoo_cfg, data_cfg, blackbox, task, client_splits, test):
+    from bbfl.methods.zoopfl import ZooPFL
+
+    trains, tests = holdout_per_client(client_splits, data_cfg.client_test_fraction, zoo_cfg.seed)
+    encode = [blackbox.encode(task, s) for s in trains], [blackbox.encode(task, s) for s in tests]
+    return ZooPFL(zoo_cfg, blackbox, *encode, blackbox.encode(task, test), task.num_classes)
+
+
+def build_federated_method(config: dict):
+    """(method, engine config) from a run's ``config.json`` contents - what Flower's apps build on both sides."""
+    from bbfl.exceptions import ConfigError
+
+    engine_cfg, bb_cfg = EngineConfig(**config["engine"]), BlackBoxConfig.from_saved(config["blackbox"])
+    if config.get("method") == "fedbpt":
+        data_cfg, fed_cfg = FederatedDataConfig(**config["data"]), FedBPTConfig(**config["fedbpt"])
+        task, splits, test = prepare_federated_data(data_cfg, fed_cfg.seed)
+        return _fedbpt_method(fed_cfg, engine_cfg, bb_cfg.build(), task, splits, test), engine_cfg
+    if config.get("method") == "zoopfl":
+        data_cfg, zoo_cfg = PersonalDataConfig(**config["data"]), ZooPFLConfig(**config["zoopfl"])
+        task, splits, test = prepare_federated_data(data_cfg, zoo_cfg.seed)
+        return _zoopfl_method(zoo_cfg, data_cfg, bb_cfg.build(), task, splits, test), engine_cfg
+    raise ConfigError(f"unknown federated method {config.get('method')!r}; expected fedbpt or zoopfl")
 
 
 def _federate(run: RunDir, method, engine_cfg: EngineConfig, on_round, stop_after: int | None) -> list[dict]:
@@ -364,15 +393,13 @@ def run_zoopfl_experiment(
     stop_after: int | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """ZooPFL on the in-process engine: global and personalised accuracy per round; resumable."""
-    from bbfl.methods.zoopfl import ZooPFL
-
     if resume is not None:
         run = RunDir.open(resume)
         saved = run.config
         data_cfg, zoo_cfg = PersonalDataConfig(**saved["data"]), ZooPFLConfig(**saved["zoopfl"])
         engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
     task, client_splits, test = prepare_federated_data(data_cfg, zoo_cfg.seed)
-    trains, tests = holdout_per_client(client_splits, data_cfg.client_test_fraction, zoo_cfg.seed)
+    trains, tests = holdout_per_client(client_splits, data_cfg.client_test_fraction, zoo_cfg.seed)  # for sizes
     blackbox = bb_cfg.build()
     if resume is None:
         config = {
@@ -384,14 +411,7 @@ def run_zoopfl_experiment(
             "client_sizes": [[len(a), len(b)] for a, b in zip(trains, tests)],
         }
         run = RunDir.create(out_root, f"zoopfl-{task.name}", config)
-    method = ZooPFL(
-        zoo_cfg,
-        blackbox,
-        [blackbox.encode(task, s) for s in trains],
-        [blackbox.encode(task, s) for s in tests],
-        blackbox.encode(task, test),
-        task.num_classes,
-    )
+    method = _zoopfl_method(zoo_cfg, data_cfg, blackbox, task, client_splits, test)
     records = _federate(run, method, engine_cfg, on_round, stop_after)
     if records and records[-1]["round"] == engine_cfg.rounds:
         final = records[-1]

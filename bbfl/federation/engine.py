@@ -25,7 +25,7 @@ import numpy as np
 from bbfl.exceptions import CheckpointError, ConfigError
 from bbfl.federation.wire import InvalidUpdate, decode_message, encode_message, validate_update
 from bbfl.io import atomic_write_json, load_arrays, save_arrays
-from bbfl.methods.base import FederatedMethod
+from bbfl.methods.base import Arrays, FederatedMethod
 
 log = logging.getLogger("bbfl.federation")
 
@@ -75,16 +75,57 @@ def sample_clients(num_clients: int, per_round: int | None, dropout: float, seed
     return sampled.tolist(), dropped.tolist()
 
 
+@dataclass
+class ClientReply:
+    """What came back from one client this round: its decoded update (or the error), timing and size."""
+
+    client: int
+    arrays: Arrays | None
+    header: dict
+    seconds: float
+    bytes_up: int
+    error: str | None = None
+
+
+# (method, config, round, clients, downlink arrays, downlink header) -> (bytes down per client, replies)
+ClientRunner = Callable[[FederatedMethod, EngineConfig, int, list[int], Arrays, dict], tuple[int, list[ClientReply]]]
+
+
+def run_clients_in_process(
+    method: FederatedMethod, config: EngineConfig, round_: int, clients: list[int], arrays: Arrays, header: dict
+) -> tuple[int, list[ClientReply]]:
+    """The simulation: every message really is serialised and parsed back, so sizes are the real ones."""
+    down_blob = encode_message(arrays, header, config.transport_dtype)
+    replies = []
+    for client in clients:
+        received, received_header = decode_message(down_blob)  # what the client really receives
+        began = time.perf_counter()
+        up_arrays, up_header = method.client_update(
+            client, round_, received, received_header, round_seed(config.seed, round_, client)
+        )
+        elapsed = time.perf_counter() - began
+        blob = encode_message(up_arrays, up_header, config.transport_dtype)
+        try:
+            up, up_head = decode_message(blob)
+            replies.append(ClientReply(client, up, up_head, elapsed, len(blob)))
+        except InvalidUpdate as exc:
+            replies.append(ClientReply(client, None, {}, elapsed, len(blob), exc.reason))
+    return len(down_blob), replies
+
+
 def run_federation(
     method: FederatedMethod,
     config: EngineConfig,
     run_dir: str | Path,
     on_round: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
+    runner: ClientRunner = run_clients_in_process,
 ) -> list[dict]:
     """Run (or resume) the rounds; checkpoint atomically after each. Returns the per-round records.
 
     ``stop_after`` ends the call after that many rounds of this call (for tests and time slicing).
+    ``runner`` delivers the downlink to the round's clients and brings their replies back: in this
+    process by default; :mod:`bbfl.federation.flower` sends them to Flower SuperNodes instead.
     """
     run_dir = Path(run_dir)
     ckpt = run_dir / "server_state.safetensors"
@@ -104,7 +145,7 @@ def run_federation(
             on_round(records[0])
     done_here = 0
     for round_ in range(start, config.rounds + 1):
-        record = _run_round(method, config, round_)
+        record = _run_round(method, config, round_, runner)
         records.append(record)
         # client states first, then the server checkpoint that declares the round done (see below)
         ran = sorted(set(record["sampled"]) - set(record["dropped"]))
@@ -162,37 +203,32 @@ def _initial_record(method: FederatedMethod) -> dict:
     return {"round": 0, **empty, **zero_bytes, "seconds": time.perf_counter() - start, **metrics}
 
 
-def _run_round(method: FederatedMethod, config: EngineConfig, round_: int) -> dict:
+def _run_round(
+    method: FederatedMethod, config: EngineConfig, round_: int, runner: ClientRunner = run_clients_in_process
+) -> dict:
     start = time.perf_counter()
     sampled, dropped = sample_clients(method.num_clients, config.clients_per_round, config.dropout, config.seed, round_)
     down_arrays, down_header = method.downlink(round_)
-    down_blob = encode_message(down_arrays, down_header, config.transport_dtype)
-    updates, rejected, late, bytes_up = [], [], [], []
-    for client in sampled:
-        if client in dropped:
-            continue
-        arrays, header = decode_message(down_blob)  # what the client really receives
-        began = time.perf_counter()
-        up_arrays, up_header = method.client_update(
-            client, round_, arrays, header, round_seed(config.seed, round_, client)
-        )
-        elapsed = time.perf_counter() - began
-        blob = encode_message(up_arrays, up_header, config.transport_dtype)
-        bytes_up.append(len(blob))
-        if config.deadline is not None and elapsed > config.deadline:
-            late.append(client)
-            log.warning("round %d: client %d late (%.2fs), update dropped", round_, client, elapsed)
+    running = [c for c in sampled if c not in dropped]
+    bytes_down, replies = runner(method, config, round_, running, down_arrays, down_header)
+    updates, rejected, late = [], [], []
+    for reply in replies:
+        if config.deadline is not None and reply.seconds > config.deadline:
+            late.append(reply.client)
+            log.warning("round %d: client %d late (%.2fs), update dropped", round_, reply.client, reply.seconds)
             continue
         try:
-            arrays_in, header_in = decode_message(blob)
-            validate_update(arrays_in, method.update_shapes(), config.max_update_norm)
+            if reply.error is not None:
+                raise InvalidUpdate(reply.error)
+            validate_update(reply.arrays, method.update_shapes(), config.max_update_norm)
         except InvalidUpdate as exc:
-            rejected.append({"client": client, "reason": exc.reason})
-            log.warning("round %d: client %d update rejected: %s", round_, client, exc.reason)
+            rejected.append({"client": reply.client, "reason": exc.reason})
+            log.warning("round %d: client %d update rejected: %s", round_, reply.client, exc.reason)
             continue
-        updates.append((client, arrays_in, header_in))
+        updates.append((reply.client, reply.arrays, reply.header))
     metrics = method.aggregate(round_, updates) if updates else {"skipped": "no valid update"}
     metrics.update(method.evaluate(round_))
+    bytes_up = [r.bytes_up for r in replies]
     return {
         "round": round_,
         "sampled": sampled,
@@ -200,9 +236,9 @@ def _run_round(method: FederatedMethod, config: EngineConfig, round_: int) -> di
         "late": late,
         "rejected": rejected,
         "aggregated": [c for c, _, _ in updates],
-        "bytes_down_per_client": len(down_blob),
+        "bytes_down_per_client": bytes_down,
         "bytes_up_per_client": float(np.mean(bytes_up)) if bytes_up else 0.0,
-        "bytes_total": len(down_blob) * (len(sampled) - len(dropped)) + int(sum(bytes_up)),
+        "bytes_total": bytes_down * len(running) + int(sum(bytes_up)),
         "seconds": time.perf_counter() - start,
         **metrics,
     }

@@ -1,0 +1,65 @@
+"""FedBPT on Flower's Deployment Engine: a real SuperLink + 3 SuperNodes + `flwr run`, vs. the in-process engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from bbfl.federation.engine import EngineConfig, run_federation  # noqa: E402
+from bbfl.federation.flower_local import LocalFederation  # noqa: E402
+from bbfl.io import load_arrays  # noqa: E402
+from bbfl.methods.fedbpt import FedBPTConfig  # noqa: E402
+from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, build_federated_method  # noqa: E402
+
+
+def _flower_processes() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "flower-super|flwr-serverapp|flwr-clientapp"], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_fedbpt_on_flower_equals_in_process_engine(tmp_path, tiny_models):
+    config = {
+        "method": "fedbpt",
+        "data": asdict(FederatedDataConfig(task="demo", k_shot=6, num_clients=3, test_limit=20)),
+        "fedbpt": FedBPTConfig(intrinsic_dim=20, prompt_length=2, local_popsize=4, local_iter=2, seed=3).to_dict(),
+        "engine": asdict(EngineConfig(rounds=2, seed=3, dropout=0.2)),
+        "blackbox": asdict(BlackBoxConfig(model=str(tiny_models["bert"]))),
+    }
+    before = _flower_processes()
+    fed = LocalFederation(3, workdir=tmp_path / "flower")
+    started = []
+    try:
+        fed.start()
+        started = list(fed.processes)
+        status = fed.run(json.dumps(config), tmp_path / "flower-run", timeout=600)
+    finally:
+        fed.stop()
+    assert status["status"] == "finished:completed", (
+        status,
+        (tmp_path / "flower" / "superlink.log").read_text()[-3000:],
+    )
+    assert len(started) == 4 and all(p.poll() is not None for p in started)  # every process we started is gone
+    assert _flower_processes() == before  # nor anything they spawned (flower-superexec, app processes)
+
+    method, engine_cfg = build_federated_method(config)
+    records = run_federation(method, engine_cfg, tmp_path / "in-process")
+    flower_state, flower_meta = load_arrays(tmp_path / "flower-run" / "server_state.safetensors")
+    local_state, _ = load_arrays(tmp_path / "in-process" / "server_state.safetensors")
+    assert sorted(flower_state) == sorted(local_state)
+    for key in local_state:  # the same client means, fitnesses and weights reached the server, bit for bit
+        np.testing.assert_array_equal(flower_state[key], local_state[key])
+    flower_records = json.loads(flower_meta["engine"])["records"]
+    for a, b in zip(records, flower_records):
+        assert (a["round"], a["sampled"], a["dropped"], a["aggregated"]) == (
+            b["round"],
+            b["sampled"],
+            b["dropped"],
+            b["aggregated"],
+        )
+        assert a["test_accuracy"] == b["test_accuracy"] and a["global_sigma"] == b["global_sigma"]
