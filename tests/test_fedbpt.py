@@ -148,3 +148,36 @@ def test_covariance_downlink_is_sent_counted_and_used(tmp_path):
     # round 1's C is the identity, so the runs part only from round 2, once the server has adapted C
     assert records[1]["test_accuracy"] == plain[1]["test_accuracy"]
     assert records[2]["global_sigma"] != plain[2]["global_sigma"]
+
+
+def test_robust_rules_resist_two_poisoned_clients(tmp_path, monkeypatch):
+    """2 of 6 clients upload a mean shifted by +50 per coordinate (finite, under the norm limit)."""
+    from bbfl.methods.fedbpt import FedBPT
+
+    original = FedBPT.client_update
+
+    def poisoned(self, client, round_, arrays, header, seed):
+        update, head = original(self, client, round_, arrays, header, seed)
+        if client in (1, 4):
+            update["mean"] = update["mean"] + 50.0
+        return update, head
+
+    monkeypatch.setattr(FedBPT, "client_update", poisoned)
+    data = FederatedDataConfig(task="demo", k_shot=12, num_clients=6, test_limit=20)
+    engine = EngineConfig(rounds=1, seed=0)
+    runs = {}
+    for name in ("fedavg", "median", "trimmed", "krum"):
+        fed = FedBPTConfig(**SMALL, aggregation=name, trim=0.34, num_malicious=2)
+        run, records = _run(tmp_path, name, engine=engine, fed=fed, data=data)
+        assert records[1]["rejected"] == []  # nothing malformed: only robust aggregation can help
+        runs[name] = load_z(run)
+    assert np.abs(runs["fedavg"]).mean() > 10  # the mean is dragged ~2/6 * 50 per coordinate
+    for rule in ("median", "trimmed", "krum"):
+        assert np.abs(runs[rule]).mean() < 3, rule  # the robust rules stay with the honest clients
+
+
+def load_z(run) -> np.ndarray:
+    from bbfl.io import load_arrays
+
+    arrays, _ = load_arrays(run.path / "prompt.safetensors")
+    return arrays["z"]

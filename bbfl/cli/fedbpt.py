@@ -45,7 +45,12 @@ def fedbpt(
     intrinsic_dim: int = typer.Option(500, help="d: CMA-ES search dimension."),
     prompt_length: int | None = typer.Option(None, help="L: soft-prompt tokens (paper: 50)."),
     perturb_rate: float = typer.Option(0.0, help="> 0: fitness = loss / loss on token-perturbed data (paper: 0.5)."),
-    aggregation: str = typer.Option("fedbpt", help="fedbpt (server CMA-ES) or fedavg (mean of client means)."),
+    aggregation: str = typer.Option(
+        "fedbpt",
+        help="fedbpt (server CMA-ES), fedavg (mean of client means), or robust: median, trimmed, krum.",
+    ),
+    trim: float = typer.Option(0.2, help="Share of client values trimmed per side for --aggregation trimmed."),
+    num_malicious: int = typer.Option(0, help="Poisoned clients Krum should tolerate (--aggregation krum)."),
     sigma0: float = typer.Option(1.0, help="Initial CMA-ES step size."),
     min_sigma: float = typer.Option(0.5, help="Floor of the global step size (official code: 0.5)."),
     downlink_covariance: bool = typer.Option(
@@ -102,6 +107,8 @@ def fedbpt(
             local_iter=local_iter,
             perturb_rate=perturb_rate,
             aggregation=aggregation,
+            trim=trim,
+            num_malicious=num_malicious,
             sigma0=sigma0,
             min_sigma=min_sigma,
             downlink_covariance=downlink_covariance,

@@ -21,8 +21,11 @@ class FedBPTConfig:
         alpha: projection scale (1).
         loss: ``auto`` = the task's loss.
         perturb_rate: > 0 makes the fitness loss(clean) / loss(tokens replaced at this rate) (paper: 0.5).
-        aggregation: ``fedbpt`` (server CMA-ES tells the client means, pooled sigma) or ``fedavg``
-            (average of client means and sigmas).
+        aggregation: ``fedbpt`` (server CMA-ES tells the client means, pooled sigma), ``fedavg``
+            (average of client means and sigmas), or a robust rule on the client means: ``median``
+            (FedMedian), ``trimmed`` (FedTrimmedAvg, ``trim`` per side) or ``krum`` (``num_malicious``).
+        trim: share trimmed on each side for ``trimmed``.
+        num_malicious: Krum's assumed number of poisoned clients.
         downlink_covariance: also send the server CMA-ES covariance C ([d, d]) so that clients sample
             from it, as the official code's copied CMA object does; d^2 floats more per client-round.
         min_sigma: floor of the global step size after each round (official code: 0.5).
@@ -39,7 +42,11 @@ class FedBPTConfig:
     loss: Literal["auto", "ce", "hinge"] = field(default="auto", metadata={"help": "training loss"})
     margin: float = field(default=2.0, metadata={"help": "hinge margin"})
     perturb_rate: float = field(default=0.0, metadata={"help": "token replacement rate for the fitness ratio"})
-    aggregation: Literal["fedbpt", "fedavg"] = field(default="fedbpt", metadata={"help": "server rule"})
+    aggregation: Literal["fedbpt", "fedavg", "median", "trimmed", "krum"] = field(
+        default="fedbpt", metadata={"help": "server rule"}
+    )
+    trim: float = field(default=0.2, metadata={"help": "trimmed share per side"})
+    num_malicious: int = field(default=0, metadata={"help": "Krum's assumed poisoned clients"})
     downlink_covariance: bool = field(default=False, metadata={"help": "send C to clients (d^2 floats)"})
     min_sigma: float = field(default=0.5, metadata={"help": "floor of the global step size"})
     prompt_init: str = field(default=".", metadata={"help": "prompt at z = 0"})
@@ -53,8 +60,10 @@ class FedBPTConfig:
             raise ConfigError(f"`local_popsize` should be >= 2, got {self.local_popsize}.")
         if not 0.0 <= self.perturb_rate < 1.0:
             raise ConfigError(f"`perturb_rate` should be in [0, 1), got {self.perturb_rate}.")
-        if self.aggregation not in ("fedbpt", "fedavg"):
-            raise ConfigError(f"`aggregation` should be fedbpt or fedavg, got {self.aggregation!r}.")
+        if self.aggregation not in ("fedbpt", "fedavg", "median", "trimmed", "krum"):
+            raise ConfigError(
+                f"`aggregation` should be fedbpt, fedavg, median, trimmed or krum, got {self.aggregation!r}."
+            )
         if self.downlink_covariance and self.aggregation != "fedbpt":
             raise ConfigError("`downlink_covariance` needs aggregation='fedbpt' (fedavg keeps no covariance).")
         if self.sigma0 <= 0 or self.min_sigma < 0:

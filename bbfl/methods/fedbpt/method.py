@@ -27,6 +27,7 @@ from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bbt import SubspaceProjection
 from bbfl.methods.fedbpt.config import FedBPTConfig
 from bbfl.methods.losses import accuracy, get_loss
+from bbfl.methods.robust import aggregate
 from bbfl.optim import CMAES
 
 
@@ -94,10 +95,12 @@ class FedBPT(FederatedMethod):
         return {"client_fitness_mean": float(fitnesses.mean())}
 
     def _apply(self, step: dict) -> None:
-        if self.config.aggregation == "fedavg":
-            w = step["weights"] / step["weights"].sum()
-            self.mean = w @ step["solutions"]
-            self.sigma = float(np.sqrt(np.mean(np.square(step["final_sigmas"]))))
+        if self.config.aggregation != "fedbpt":  # FedAvg or a robust rule on the client means
+            rule = "mean" if self.config.aggregation == "fedavg" else self.config.aggregation
+            cfg = self.config
+            self.mean = aggregate(step["solutions"], step["weights"], rule, cfg.trim, cfg.num_malicious)
+            sigmas = np.asarray(step["final_sigmas"], dtype=np.float64)
+            self.sigma = float(np.sqrt(np.mean(np.square(sigmas))) if rule == "mean" else np.median(sigmas))
             return
         k = len(step["solutions"])
         # pooled local step sizes (the server CMA-ES sees m parents per "generation")
