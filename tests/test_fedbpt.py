@@ -109,7 +109,7 @@ def test_fedavg_option_and_config_errors(tmp_path):
     )
     assert len(records) == 3
     with pytest.raises(ValueError, match="aggregation"):
-        FedBPTConfig(aggregation="median")
+        FedBPTConfig(aggregation="bogus")
     with pytest.raises(ValueError, match="dropout"):
         EngineConfig(dropout=1.0)
     with pytest.raises(ValueError, match="downlink_covariance"):
