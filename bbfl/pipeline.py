@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -357,7 +357,13 @@ def build_federated_method(config: dict):
         data_cfg, zoo_cfg = PersonalDataConfig(**config["data"]), ZooPFLConfig(**config["zoopfl"])
         task, splits, test = prepare_federated_data(data_cfg, zoo_cfg.seed)
         return _zoopfl_method(zoo_cfg, data_cfg, bb_cfg.build(), task, splits, test), engine_cfg
-    raise ConfigError(f"unknown federated method {config.get('method')!r}; expected fedbpt or zoopfl")
+    if config.get("method") in FORWARD_METHODS:
+        name = config["method"]
+        data_cfg, cfg = FederatedDataConfig(**config["data"]), _forward_config(name, config[name])
+        task, splits, test = prepare_federated_data(data_cfg, cfg.seed)
+        blackbox = _forward_blackbox(bb_cfg, cfg.peft).build()
+        return _forward_method(name, cfg, engine_cfg, blackbox, task, splits, test), engine_cfg
+    raise ConfigError(f"unknown federated method {config.get('method')!r}; expected fedbpt, zoopfl, fwdllm or fedkseed")
 
 
 def _federate(run: RunDir, method, engine_cfg: EngineConfig, on_round, stop_after: int | None) -> list[dict]:
@@ -434,5 +440,94 @@ def run_zoopfl_experiment(
             "ZooPFL: global and personalised accuracy",
             where="round",
         )
+        run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
+    return run, records
+
+
+# ---------------------------------------------------------------------- forward-only PEFT (FwdLLM, FedKSeed)
+FORWARD_METHODS = ("fwdllm", "fedkseed")
+
+
+def _forward_config(name: str, saved: dict):
+    from bbfl.methods.fedkseed import FedKSeedConfig
+    from bbfl.methods.fwdllm import FwdLLMConfig
+
+    return (FwdLLMConfig if name == "fwdllm" else FedKSeedConfig)(**saved)
+
+
+def _forward_blackbox(bb_cfg: BlackBoxConfig, peft: str) -> BlackBoxConfig:
+    # weight deltas act inside the layers: the plain forward (no prefix shortcut) unless tuning a prompt
+    if bb_cfg.prompt_attention == "auto" and peft != "prompt":
+        return replace(bb_cfg, prompt_attention="full")
+    return bb_cfg
+
+
+def _forward_method(name: str, cfg, engine_cfg: EngineConfig, blackbox, task, client_splits, test):
+    from bbfl.methods.fedkseed import FedKSeed
+    from bbfl.methods.fwdllm import FwdLLM
+
+    clients = [blackbox.encode(task, s) for s in client_splits]
+    if name == "fwdllm":
+        return FwdLLM(cfg, blackbox, clients, blackbox.encode(task, test), engine_cfg.rounds)
+    return FedKSeed(cfg, blackbox, clients, blackbox.encode(task, test))
+
+
+def run_forward_experiment(
+    name: str,
+    data_cfg: FederatedDataConfig,
+    method_cfg,
+    engine_cfg: EngineConfig,
+    bb_cfg: BlackBoxConfig,
+    out_root: str | Path = "runs",
+    on_round: Callable[[dict], None] | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
+) -> tuple[RunDir, list[dict]]:
+    """FwdLLM or FedKSeed (``name``) on the in-process engine; per-round accuracy, bytes, peak memory."""
+    from bbfl.exceptions import ConfigError
+
+    if name not in FORWARD_METHODS:
+        raise ConfigError(f"unknown forward method {name!r}; expected one of {FORWARD_METHODS}")
+    if resume is not None:
+        run = RunDir.open(resume)
+        saved = run.config
+        data_cfg, method_cfg = FederatedDataConfig(**saved["data"]), _forward_config(name, saved[name])
+        engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
+    bb_cfg = _forward_blackbox(bb_cfg, method_cfg.peft)
+    task, client_splits, test = prepare_federated_data(data_cfg, method_cfg.seed)
+    blackbox = bb_cfg.build()
+    if resume is None:
+        config = {
+            "method": name,
+            "data": asdict(data_cfg),
+            name: method_cfg.to_dict(),
+            "engine": asdict(engine_cfg),
+            "blackbox": bb_cfg.record(blackbox),
+            "client_sizes": [len(s) for s in client_splits],
+        }
+        run = RunDir.create(out_root, f"{name}-{task.name}", config)
+    method = _forward_method(name, method_cfg, engine_cfg, blackbox, task, client_splits, test)
+    records = _federate(run, method, engine_cfg, on_round, stop_after)
+    if records and records[-1]["round"] == engine_cfg.rounds:
+        final = records[-1]
+        weights = method.global_weights() if name == "fedkseed" else method.global_weights
+        save_arrays(run.path / "peft.safetensors", weights, {"peft": method_cfg.peft, "model": blackbox.model_name})
+        run.write_summary(
+            {
+                "task": task.name,
+                "peft": method_cfg.peft,
+                "tuned_parameters": method.weights.num_parameters,
+                "test_accuracy": final["test_accuracy"],
+                "start_test_accuracy": records[0]["test_accuracy"],
+                "train_queries": final["train_queries"],
+                "rounds": final["round"],
+                "bytes_up_per_client_round": final["bytes_up_per_client"],
+                "bytes_down_per_client_round": final["bytes_down_per_client"],
+                "cpu_peak_rss_mb": final.get("cpu_peak_rss_mb"),
+            }
+        )
+        title = f"{name}: global test accuracy"
+        run.plot("round", ["test_accuracy"], "accuracy_vs_round.png", title, where="round")
+        run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
         run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
     return run, records

@@ -67,6 +67,20 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, indices: torch.Tensor | list[int]) -> Encoded:
+        """The examples at ``indices`` (original order), still length-sorted: a minibatch without re-tokenizing."""
+        wanted = torch.zeros(len(self), dtype=torch.bool)
+        wanted[torch.as_tensor(indices, dtype=torch.long)] = True
+        keep = torch.nonzero(wanted[self.order], as_tuple=True)[0]  # sorted positions, in sorted order
+        original = self.order[keep]
+        return Encoded(
+            input_ids=[self.input_ids[int(j)] for j in keep],
+            read_at=self.read_at[keep],
+            labels=self.labels[torch.sort(original).values],
+            order=torch.argsort(torch.argsort(original)),  # rank of each kept example in original order
+            n_tokens=sum(len(self.input_ids[int(j)]) for j in keep),
+        )
+
 
 class LocalBlackBox:
     """A frozen transformers model that scores candidate soft prompts.
