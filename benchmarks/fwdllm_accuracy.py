@@ -26,16 +26,16 @@ SETTINGS = {
     # name: (method, config overrides); lr is per setting because a single-direction forward estimate has
     # ~sqrt(d) times the norm of the true gradient (its mean is right, its variance is d times larger)
     "backprop": ("fwdllm", {"estimator": "backprop", "lr": 0.5}),
-    "fwdllm": ("fwdllm", {"estimator": "central", "perturbations": 4, "lr": 2e-3}),
-    "fwdllm-seed": ("fwdllm", {"estimator": "central", "perturbations": 4, "lr": 2e-3, "uplink": "seed"}),
+    "fwdllm": ("fwdllm", {"estimator": "central", "perturbations": 4, "lr": 0.05}),
+    "fwdllm-seed": ("fwdllm", {"estimator": "central", "perturbations": 4, "lr": 0.05, "uplink": "seed"}),
     "fwdllm-pace": (
         "fwdllm",
-        {"estimator": "central", "perturbations": 2, "max_perturbations": 16, "variance_threshold": 1e-4, "lr": 2e-3},
+        {"estimator": "central", "perturbations": 2, "max_perturbations": 16, "variance_threshold": 0.03, "lr": 0.05},
     ),
-    "fwdllm-disc": ("fwdllm", {"estimator": "central", "perturbations": 4, "candidates": 10, "lr": 2e-3}),
-    "fwdllm-jvp": ("fwdllm", {"estimator": "jvp", "perturbations": 4, "lr": 2e-3}),
-    "fedkseed": ("fedkseed", {"local_steps": 20, "lr": 2e-3}),
-    "fedkseed-pro": ("fedkseed", {"local_steps": 20, "lr": 2e-3, "pro": True}),
+    "fwdllm-disc": ("fwdllm", {"estimator": "central", "perturbations": 4, "candidates": 10, "lr": 0.05}),
+    "fwdllm-jvp": ("fwdllm", {"estimator": "jvp", "perturbations": 4, "lr": 0.05}),
+    "fedkseed": ("fedkseed", {"local_steps": 20, "lr": 5e-3}),
+    "fedkseed-pro": ("fedkseed", {"local_steps": 20, "lr": 5e-3, "pro": True}),
 }
 
 
@@ -45,6 +45,8 @@ def run_setting(args, seed: int, setting: str) -> dict:
         task=args.task, data_dir=args.data_dir, k_shot=args.k_shot, test_limit=args.test_limit, num_clients=args.clients
     )
     cls = FwdLLMConfig if name == "fwdllm" else FedKSeedConfig
+    if args.lr is not None:
+        overrides = {**overrides, "lr": args.lr}
     cfg = cls(peft=args.peft, seed=seed, batch_size=args.batch_size, **overrides)
     engine = EngineConfig(rounds=args.rounds, seed=seed)
     bb = BlackBoxConfig(max_length=args.max_length)
@@ -53,6 +55,7 @@ def run_setting(args, seed: int, setting: str) -> dict:
     last = records[-1]
     return {
         "setting": setting,
+        "lr": cfg.lr,
         "seed": seed,
         "task": args.task,
         "zero_shot_acc": records[0]["test_accuracy"],
@@ -72,11 +75,12 @@ def run_setting(args, seed: int, setting: str) -> dict:
 
 def print_table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    print("| task | setting | seed | zero-shot | final acc | best round | queries | up B | down B | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| task | setting | lr | seed | zero-shot | final acc | best round | queries | up B | down B | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['task']} | {r['setting']} | {r['seed']} | {r['zero_shot_acc']:.3f} | {r['test_acc']:.3f} | "
+            f"| {r['task']} | {r['setting']} | {r.get('lr', '')} | {r['seed']} | {r['zero_shot_acc']:.3f} | "
+            f"{r['test_acc']:.3f} | "
             f"{r['best_round_acc']:.3f} | {r['queries']:,} | {r['bytes_up_per_client_round']:,.0f} | "
             f"{r['bytes_down_per_client_round']:,.0f} | {r['seconds']:.0f} |"
         )
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[13])
     parser.add_argument("--peft", default="lora")
+    parser.add_argument("--lr", type=float, default=None, help="override every setting's learning rate")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--k-shot", type=int, default=100)

@@ -27,7 +27,7 @@ class FedKSeedConfig(PeftOptions):
     num_seeds: int = field(default=4096, metadata={"help": "K: size of the seed pool"})
     local_steps: int = field(default=20, metadata={"help": "tau: MeZO steps per client-round"})
     eps: float = field(default=5e-4, metadata={"help": "finite-difference step"})
-    lr: float = field(default=0.05, metadata={"help": "learning rate"})
+    lr: float = field(default=5e-3, metadata={"help": "learning rate"})
     batch_size: int = field(default=16, metadata={"help": "examples per local step"})
     pro: bool = field(default=False, metadata={"help": "FedKSeed-Pro seed sampling"})
     seed: int = field(default=42, metadata={"help": "random seed"})

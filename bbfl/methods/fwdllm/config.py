@@ -23,7 +23,8 @@ class FwdLLMConfig(PeftOptions):
         perturbations: directions per client batch (FwdLLM: 1; pacing may add more).
         max_perturbations: pacing's cap per client batch.
         variance_threshold: variance-controlled pacing: keep adding directions on the same batch while
-            the per-element variance of the mean estimate on the probe tensor (the first tuned tensor)
+            the per-element variance of the mean estimate on the probe tensor (the last tuned tensor, nearest the
+            output: LoRA's first A matrices have no gradient while B = 0)
             is above this. ``None`` switches pacing off.
         candidates: discriminative sampling: draw this many candidate directions per kept one and keep
             the one most aligned (cosine) with the previous global gradient (FwdLLM: 10). 1 = off.

@@ -115,7 +115,7 @@ class FwdLLM(FederatedMethod):
             steps.append(step)
             scalars.append(s)
             total = [t + s * d for t, d in zip(total, z)]
-            probes.append((s * z[0]).flatten())
+            probes.append((s * z[-1]).flatten())  # probe: the last tuned tensor, nearest the output
             if len(steps) >= cfg.perturbations and (
                 cfg.variance_threshold is None or probe_variance(probes) <= cfg.variance_threshold
             ):
