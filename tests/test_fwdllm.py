@@ -197,3 +197,11 @@ def test_cli_runs_resumes_and_reports_peak_memory(tiny_models, tmp_path, command
     assert resumed.exit_code == 0, resumed.output
     bad = CliRunner().invoke(app, [command, "--peft", "qlora", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "qlora" in bad.output and "lora, bitfit" in bad.output
+
+
+def test_dp_clips_each_client_estimate(tiny):
+    m = _method(tiny, perturbations=2, max_perturbations=2, dp_clip=0.01)
+    arrays, header = m.downlink(1)
+    update, _ = m.client_update(0, 1, arrays, header, seed=2)
+    m.weights.remove()
+    assert np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in update.values())) <= 0.01 * (1 + 1e-5)

@@ -18,7 +18,9 @@ console = Console()
 
 # Options every command that drives a model shares (one definition, one help text).
 MODEL = typer.Option(
-    None, help="Local model dir, hub name or http://HOST:PORT of `bbfl serve` (default: embedded MiniLM)."
+    None,
+    help="Local model dir, hub name, or http://HOST:PORT of a `bbfl serve` (token from $BBFL_SERVE_TOKEN) "
+    "(default: embedded MiniLM).",
 )
 HEAD = typer.Option("auto", help="auto, encoder (similarity to label descriptions), mlm or causal.")
 DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:N or auto.")
@@ -44,3 +46,9 @@ def progress_bar() -> Progress:
         console=console,
         disable=not sys.stderr.isatty() and not sys.stdout.isatty(),
     )
+
+
+DP_CLIP = typer.Option(
+    None, help="Differential privacy: each client clips its update to this L2 norm (FedBPT: --aggregation fedavg)."
+)
+DP_NOISE = typer.Option(0.0, help="Differential privacy: server Gaussian noise multiplier (std = it x clip / clients).")

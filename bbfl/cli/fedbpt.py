@@ -8,6 +8,8 @@ import typer
 
 from bbfl.cli._app import (
     DEVICE,
+    DP_CLIP,
+    DP_NOISE,
     DTYPE,
     HEAD,
     MAX_LENGTH,
@@ -57,6 +59,8 @@ def fedbpt(
         False, help="Also send the server's covariance C to clients (d*d floats more per client-round)."
     ),
     transport: str = typer.Option("float32", help="float32 or float16 arrays on the wire."),
+    dp_clip: float | None = DP_CLIP,
+    dp_noise: float = DP_NOISE,
     seed: int = typer.Option(42, help="Seeds data, partition, A, server and clients."),
     model: str | None = MODEL,
     head: str = HEAD,
@@ -112,6 +116,8 @@ def fedbpt(
             sigma0=sigma0,
             min_sigma=min_sigma,
             downlink_covariance=downlink_covariance,
+            dp_clip=dp_clip,
+            dp_noise=dp_noise,
             seed=seed,
         )
         engine_cfg = EngineConfig(

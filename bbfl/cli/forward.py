@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import typer
 
-from bbfl.cli._app import DEVICE, DTYPE, HEAD, MAX_LENGTH, MODEL, OUT, app, console, fail, progress_bar
+from bbfl.cli._app import (
+    DEVICE,
+    DP_CLIP,
+    DP_NOISE,
+    DTYPE,
+    HEAD,
+    MAX_LENGTH,
+    MODEL,
+    OUT,
+    app,
+    console,
+    fail,
+    progress_bar,
+)
 from bbfl.exceptions import BBFLError
 
 TASK = typer.Option("demo", help="Task name (see `bbfl tasks`) or a custom name with --data-dir.")
@@ -104,6 +117,8 @@ def fwdllm(
     batch_size: int = BATCH,
     lr: float = typer.Option(0.05, help="Server SGD learning rate (linear decay to 0; backprop: try 0.5)."),
     uplink: str = typer.Option("dense", help="dense (the estimate) or seed (scalars only; server regenerates)."),
+    dp_clip: float | None = DP_CLIP,
+    dp_noise: float = DP_NOISE,
     seed: int = SEED,
     low_memory: bool = LOW_MEMORY,
     model: str | None = MODEL,
@@ -142,6 +157,8 @@ def fwdllm(
             batch_size=batch_size,
             lr=lr,
             uplink=uplink,
+            dp_clip=dp_clip,
+            dp_noise=dp_noise,
             seed=seed,
         )
         args = (rounds, clients_per_round, model, head, device, dtype, max_length, low_memory, out, resume)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from bbfl.exceptions import ConfigError
+from bbfl.methods.privacy import check_dp
 
 
 @dataclass
@@ -29,6 +30,10 @@ class FedBPTConfig:
         downlink_covariance: also send the server CMA-ES covariance C ([d, d]) so that clients sample
             from it, as the official code's copied CMA object does; d^2 floats more per client-round.
         min_sigma: floor of the global step size after each round (official code: 0.5).
+        dp_clip: differential privacy: clients clip the change of their mean to this L2 norm
+            (:mod:`bbfl.methods.privacy`; needs aggregation='fedavg'). ``None`` = off.
+        dp_noise: the server adds Gaussian noise of std dp_noise * dp_clip / (number of clients) to
+            the averaged mean (example-weighted: the largest client's share instead of 1 / m).
         prompt_init: token/text whose embedding is the prompt at z = 0.
         seed: seeds A, the server's CMA-ES and (with the engine seed) the clients.
     """
@@ -49,6 +54,8 @@ class FedBPTConfig:
     num_malicious: int = field(default=0, metadata={"help": "Krum's assumed poisoned clients"})
     downlink_covariance: bool = field(default=False, metadata={"help": "send C to clients (d^2 floats)"})
     min_sigma: float = field(default=0.5, metadata={"help": "floor of the global step size"})
+    dp_clip: float | None = field(default=None, metadata={"help": "DP: clip each client's change to this norm"})
+    dp_noise: float = field(default=0.0, metadata={"help": "DP: server noise multiplier"})
     prompt_init: str = field(default=".", metadata={"help": "prompt at z = 0"})
     seed: int = field(default=42, metadata={"help": "random seed"})
 
@@ -66,6 +73,12 @@ class FedBPTConfig:
             )
         if self.downlink_covariance and self.aggregation != "fedbpt":
             raise ConfigError("`downlink_covariance` needs aggregation='fedbpt' (fedavg keeps no covariance).")
+        check_dp(self.dp_clip, self.dp_noise)
+        if self.dp_clip is not None and self.aggregation != "fedavg":
+            raise ConfigError(
+                f"differential privacy (dp_clip) needs aggregation='fedavg', got {self.aggregation!r}: "
+                "the server CMA-ES and the robust rules do not average, so the noise would not be calibrated"
+            )
         if self.sigma0 <= 0 or self.min_sigma < 0:
             raise ConfigError(f"`sigma0` > 0 and `min_sigma` >= 0 needed, got {self.sigma0}, {self.min_sigma}.")
 

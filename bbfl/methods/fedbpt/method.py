@@ -27,6 +27,7 @@ from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bbt import SubspaceProjection
 from bbfl.methods.fedbpt.config import FedBPTConfig
 from bbfl.methods.losses import accuracy, get_loss
+from bbfl.methods.privacy import add_noise, clip_to_norm, noise_std
 from bbfl.methods.robust import aggregate
 from bbfl.optim import CMAES
 
@@ -99,6 +100,9 @@ class FedBPT(FederatedMethod):
             rule = "mean" if self.config.aggregation == "fedavg" else self.config.aggregation
             cfg = self.config
             self.mean = aggregate(step["solutions"], step["weights"], rule, cfg.trim, cfg.num_malicious)
+            if cfg.dp_clip is not None:  # replayed on resume with the same (seed, round) noise
+                std = noise_std(cfg.dp_clip, cfg.dp_noise, step["weights"])
+                self.mean = add_noise(self.mean, std, cfg.seed, len(self.rounds))
             sigmas = np.asarray(step["final_sigmas"], dtype=np.float64)
             self.sigma = float(np.sqrt(np.mean(np.square(sigmas))) if rule == "mean" else np.median(sigmas))
             return
@@ -150,6 +154,9 @@ class FedBPT(FederatedMethod):
             candidates = es.ask()
             es.tell(candidates, self._fitness(client, candidates))
         final = es.mean
+        if cfg.dp_clip is not None:  # differential privacy: bound this client's influence on the average
+            start = arrays["mean"].astype(np.float64)
+            final = start + clip_to_norm(final - start, cfg.dp_clip)
         return (
             {"mean": final.astype(np.float32)},
             {

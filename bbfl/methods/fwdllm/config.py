@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from bbfl.exceptions import ConfigError
+from bbfl.methods.privacy import check_dp
 from bbfl.peft import KINDS, PeftOptions
 
 ESTIMATORS = ("central", "jvp", "backprop")
@@ -32,6 +33,9 @@ class FwdLLMConfig(PeftOptions):
         lr: server SGD learning rate, decayed linearly to 0 over the rounds.
         uplink: ``dense`` (the estimate as arrays, as FwdLLM's code) or ``seed`` (the scalars only;
             the server regenerates each direction from the client's seed - FedKSeed's idea).
+        dp_clip: differential privacy: each client clips its gradient estimate to this L2 norm
+            (:mod:`bbfl.methods.privacy`). ``None`` = off.
+        dp_noise: the server adds Gaussian noise (std dp_noise * dp_clip * largest client share) to the mean.
         seed: seeds the initial PEFT weights.
     """
 
@@ -44,6 +48,8 @@ class FwdLLMConfig(PeftOptions):
     batch_size: int = field(default=16, metadata={"help": "examples per client batch"})
     lr: float = field(default=0.05, metadata={"help": "server SGD learning rate"})
     uplink: str = field(default="dense", metadata={"help": "dense or seed"})
+    dp_clip: float | None = field(default=None, metadata={"help": "DP: clip each client's estimate"})
+    dp_noise: float = field(default=0.0, metadata={"help": "DP: server noise multiplier"})
     seed: int = field(default=42, metadata={"help": "random seed"})
 
     def __post_init__(self) -> None:
@@ -63,6 +69,7 @@ class FwdLLMConfig(PeftOptions):
             raise ConfigError(
                 f"max_perturbations ({self.max_perturbations}) must be >= perturbations ({self.perturbations})"
             )
+        check_dp(self.dp_clip, self.dp_noise)
         if self.h <= 0 or self.lr <= 0:
             raise ConfigError(f"h and lr must be > 0, got {self.h}, {self.lr}")
         if self.variance_threshold is not None and self.variance_threshold <= 0:

@@ -27,6 +27,7 @@ from bbfl.memory import peak_memory_mb
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fwdllm.config import FwdLLMConfig
 from bbfl.methods.losses import accuracy
+from bbfl.methods.privacy import add_noise, noise_std
 from bbfl.optim.zeroth_order import Perturbation, direction, jvp_gradient
 from bbfl.peft import PeftWeights
 
@@ -95,6 +96,10 @@ class FwdLLM(FederatedMethod):
         else:
             grad, steps, scalars = self._forward_gradient(batch, seed, prev)
         queries = self.blackbox.counter.stats.queries - before
+        if cfg.dp_clip is not None:  # bound this client's influence; the estimate is linear in the scalars
+            norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad)))
+            factor = min(1.0, cfg.dp_clip / norm) if norm > 0 else 1.0
+            grad, scalars = [g * factor for g in grad], [s * factor for s in scalars]
         out_header = {"n": len(batch), "queries": queries, "seed": seed, "steps": steps}
         if cfg.uplink == "seed":
             padded = np.zeros(cfg.max_perturbations, dtype=np.float32)
@@ -178,6 +183,9 @@ class FwdLLM(FederatedMethod):
         for _, arrays, header in updates:
             for k, g in zip(self.names, self._client_gradient(arrays, header)):
                 mean[k] += (header["n"] / total_n) * g
+        if self.config.dp_clip is not None:
+            std = noise_std(self.config.dp_clip, self.config.dp_noise, [h["n"] for _, _, h in updates])
+            mean = {k: add_noise(v, std, self.config.seed, round_ * 4096 + i) for i, (k, v) in enumerate(mean.items())}
         lr = self.config.lr * (1.0 - (round_ - 1) / self.rounds)  # linear decay to 0 over the run
         self.global_weights = {k: (w - lr * mean[k]).astype(np.float32) for k, w in self.global_weights.items()}
         self.prev_grad = {k: v.astype(np.float32) for k, v in mean.items()}
