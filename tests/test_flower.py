@@ -1,4 +1,4 @@
-"""FedBPT on Flower's Deployment Engine: a real SuperLink + 3 SuperNodes + `flwr run`, vs. the in-process engine."""
+"""FedBPT and FedKSeed on Flower's Deployment Engine: a real SuperLink + 3 SuperNodes + `flwr run`, vs. in-process."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from bbfl.federation.engine import EngineConfig, run_federation  # noqa: E402
 from bbfl.federation.flower_local import LocalFederation  # noqa: E402
 from bbfl.io import load_arrays  # noqa: E402
 from bbfl.methods.fedbpt import FedBPTConfig  # noqa: E402
+from bbfl.methods.fedkseed import FedKSeedConfig  # noqa: E402
 from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, build_federated_method  # noqa: E402
 
 
@@ -39,7 +40,15 @@ def _state(pid: str) -> str | None:
         return None
 
 
-def test_fedbpt_on_flower_equals_in_process_engine(tmp_path, tiny_models):
+FEDKSEED = {
+    "method": "fedkseed",
+    "data": asdict(FederatedDataConfig(task="demo", k_shot=6, num_clients=3, test_limit=20)),
+    "fedkseed": FedKSeedConfig(peft="bitfit", num_seeds=256, local_steps=2, batch_size=4, seed=3).to_dict(),
+    "engine": asdict(EngineConfig(rounds=2, seed=3)),
+}
+
+
+def test_fedbpt_and_fedkseed_on_flower_equal_the_in_process_engine(tmp_path, tiny_models):
     config = {
         "method": "fedbpt",
         "data": asdict(FederatedDataConfig(task="demo", k_shot=6, num_clients=3, test_limit=20)),
@@ -54,6 +63,8 @@ def test_fedbpt_on_flower_equals_in_process_engine(tmp_path, tiny_models):
         fed.start()
         started = list(fed.processes)
         status = fed.run(json.dumps(config), tmp_path / "flower-run", timeout=600)
+        # a second app run on the same deployment: FedKSeed, whose messages are K scalars each way
+        seeds_status = fed.run(json.dumps(FEDKSEED | {"blackbox": config["blackbox"]}), tmp_path / "fk", timeout=600)
     finally:
         fed.stop()
     assert status["status"] == "finished:completed", (
@@ -79,3 +90,12 @@ def test_fedbpt_on_flower_equals_in_process_engine(tmp_path, tiny_models):
             b["aggregated"],
         )
         assert a["test_accuracy"] == b["test_accuracy"] and a["global_sigma"] == b["global_sigma"]
+
+    assert seeds_status["status"] == "finished:completed", seeds_status
+    config = FEDKSEED | {"blackbox": config["blackbox"]}
+    method, engine_cfg = build_federated_method(config)
+    run_federation(method, engine_cfg, tmp_path / "fk-in-process")
+    flower_state, _ = load_arrays(tmp_path / "fk" / "server_state.safetensors")
+    local_state, _ = load_arrays(tmp_path / "fk-in-process" / "server_state.safetensors")
+    np.testing.assert_array_equal(flower_state["coefficients"], local_state["coefficients"])
+    assert np.count_nonzero(local_state["coefficients"]) > 0
