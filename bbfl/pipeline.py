@@ -60,6 +60,10 @@ class BlackBoxConfig:
         }
 
     def build(self) -> LocalBlackBox:
+        if self.model and self.model.startswith(("http://", "https://")):  # issue #6: a `bbfl serve` endpoint
+            from bbfl.blackbox.remote import RemoteBlackBox  # head/device/dtype/lengths are the server's
+
+            return RemoteBlackBox(self.model)  # token from $BBFL_SERVE_TOKEN, never stored in a config
         return LocalBlackBox(
             self.model,
             head=self.head,

@@ -1,0 +1,60 @@
+"""`bbfl serve`: a frozen model as Language-Model-as-a-Service (soft prompts in, class scores out).
+
+BBFL_SERVE_TOKEN=secret bbfl serve --port 8000                   # the embedded MiniLM
+BBFL_SERVE_TOKEN=secret bbfl bbt --model http://127.0.0.1:8000   # BBT against it, from another shell
+"""
+
+from __future__ import annotations
+
+import typer
+
+from bbfl.cli._app import DEVICE, DTYPE, HEAD, MAX_LENGTH, MODEL, PROMPT_ATTENTION, app, console, fail
+from bbfl.exceptions import BBFLError, ConfigError
+
+
+@app.command()
+def serve(
+    model: str | None = MODEL,
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    token: str | None = typer.Option(
+        None,
+        envvar="BBFL_SERVE_TOKEN",
+        show_default=False,
+        help="Bearer token clients must send (or $BBFL_SERVE_TOKEN).",
+    ),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve without a token (only on a trusted network)."),
+    head: str = HEAD,
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    prompt_attention: str = PROMPT_ATTENTION,
+    max_length: int = MAX_LENGTH,
+    max_request_mb: float = typer.Option(32.0, help="Largest request body, MiB (larger: HTTP 413)."),
+    max_prompts: int = typer.Option(256, help="Candidate prompts per scores request (more: HTTP 422)."),
+    max_examples: int = typer.Option(1024, help="Examples / inputs per request (more: HTTP 422)."),
+    max_prompt_length: int = typer.Option(256, help="Soft-prompt tokens L per candidate (more: HTTP 422)."),
+) -> None:
+    """Serve a local model over HTTP: /v1/bbfl/scores (soft prompts), OpenAI-compatible /v1/embeddings,
+    /v1/completions and /v1/chat/completions (next-token logprobs), /health."""
+    try:
+        from bbfl.blackbox import LocalBlackBox
+        from bbfl.serve import ServeLimits
+        from bbfl.serve import serve as run_server
+    except ImportError as exc:
+        fail(ConfigError(f"`bbfl serve` needs `pip install 'bbfl[serve]'` (fastapi, uvicorn): {exc}"))
+    if model is not None and model.startswith(("http://", "https://")):
+        fail(ConfigError("`bbfl serve --model` takes a local model dir or hub name, not a URL"))
+    if not token and not no_auth:
+        fail(ConfigError("give a bearer token (--token or $BBFL_SERVE_TOKEN), or --no-auth to serve without one"))
+    if max_request_mb <= 0 or min(max_prompts, max_examples, max_prompt_length) < 1:
+        fail(ConfigError("--max-request-mb, --max-prompts, --max-examples and --max-prompt-length must be positive"))
+    try:
+        blackbox = LocalBlackBox(
+            model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
+        )
+    except BBFLError as exc:
+        fail(exc)
+    limits = ServeLimits(int(max_request_mb * 2**20), max_prompts, max_examples, max_prompt_length=max_prompt_length)
+    auth = "no auth" if no_auth else "bearer token required"
+    console.print(f"serving {blackbox.model_name} ({blackbox.head} head) on http://{host}:{port} ({auth})")
+    run_server(blackbox, host, port, None if no_auth else token, limits)

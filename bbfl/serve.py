@@ -1,0 +1,419 @@
+"""``bbfl serve``: a frozen local model as Language-Model-as-a-Service over HTTP (FastAPI + uvicorn).
+
+Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
+
+* ``POST /v1/bbfl/scores`` - soft prompts in, class scores out, both as safetensors bytes (format in
+  :mod:`bbfl.blackbox.remote`). What BBT / FedBPT need; :class:`~bbfl.blackbox.remote.RemoteBlackBox`
+  is its client.
+* ``GET /v1/bbfl/info``, ``POST /v1/bbfl/token_embeddings`` - model facts BBT's projection needs
+  (hidden size, embedding std, the embeddings of the prompt-init token).
+* OpenAI-compatible ``POST /v1/embeddings``: the mean-pooled, L2-normalised last hidden state (for
+  the MiniLM default: its sentence embedding).
+* OpenAI-compatible ``POST /v1/completions`` (``logprobs``) and ``POST /v1/chat/completions``
+  (``logprobs`` + ``top_logprobs``). These "generate" exactly one token and report the model's
+  **next-token distribution over the whole vocabulary**: for a masked LM, the distribution at the
+  ``[MASK]`` position (the text's first mask; `` [MASK]`` is appended when there is none); for a
+  causal LM, after the last token. Reading the label words there is the MLM verbalizer of BBT.
+  A sentence-encoder model has no token distribution and answers 400.
+* ``GET /health`` (no auth): status, model, and the totals served.
+
+Requests are size- and batch-limited (413 / 422 JSON errors naming the value and the limit) and the
+model runs one request at a time (a lock; handlers wait in a thread pool, never on the event loop).
+"""
+
+# no `from __future__ import annotations`: FastAPI must resolve the handlers' `Request` annotations
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bbfl.blackbox import LocalBlackBox
+from bbfl.blackbox.remote import TASK_FIELDS, pack, unpack
+from bbfl.exceptions import BBFLError
+
+SAFETENSORS = "application/octet-stream"
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for; more gets a 413 (bytes) or 422 (counts) naming the limit."""
+
+    max_request_bytes: int = 32 * 2**20
+    max_prompts: int = 256  # candidates P per /v1/bbfl/scores request (the client splits bigger populations)
+    max_examples: int = 1024  # examples B per scores request, inputs per embeddings / completions request
+    max_top_logprobs: int = 20  # OpenAI's own cap
+    max_prompt_length: int = 256  # L: soft-prompt tokens (they add to the model's position budget)
+
+
+class APIError(Exception):
+    """An HTTP error with an OpenAI-style JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+class Server:
+    """The model plus the state a served model needs: a lock, an encoding cache and counters."""
+
+    def __init__(self, blackbox: LocalBlackBox, token: str | None, limits: ServeLimits) -> None:
+        self.bb, self.token, self.limits = blackbox, token, limits
+        self.lock = threading.Lock()  # one forward at a time: the model and its task state are shared
+        self.encodings: OrderedDict[str, Any] = OrderedDict()  # request texts -> Encoded (LRU)
+        self.requests = 0
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ soft-prompt scoring
+    def scores(self, body: bytes) -> tuple[bytes, int]:
+        try:
+            tensors, meta = unpack(body)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        prompts = tensors.get("prompts")
+        if prompts is None or prompts.dim() not in (3, 4):
+            shape = None if prompts is None else tuple(prompts.shape)
+            raise APIError(422, f"need a tensor `prompts` of shape [P, L, H] or [K, B, L, H], got {shape}", "prompts")
+        task, split = _task_from_meta(meta)
+        n_cand, n_ex, hidden = prompts.shape[0], len(split), prompts.shape[-1]
+        self._check_count("prompts", n_cand, self.limits.max_prompts)
+        self._check_count("texts", n_ex, self.limits.max_examples)
+        self._check_count("prompt length", prompts.shape[-2], self.limits.max_prompt_length, allow_zero=True)
+        if hidden != self.bb.hidden_size:
+            raise APIError(422, f"prompt hidden size {hidden} != the model's {self.bb.hidden_size}", "prompts")
+        if prompts.dim() == 4 and prompts.shape[1] != n_ex:
+            raise APIError(422, f"paired prompts need one per example: {prompts.shape[1]} for {n_ex} texts", "prompts")
+        if not torch.isfinite(prompts).all():
+            raise APIError(422, "prompts hold NaN or Inf", "prompts")
+        with self.lock:
+            data = self._encoded(task, split, meta.get("perturb"))
+            self.bb._prepare_task(task)  # a cached encoding may belong to another task than the last request's
+            before = self.bb.counter.stats.tokens
+            if prompts.dim() == 4:
+                out = self.bb.paired_logits(prompts.float(), data)
+            else:
+                out = self.bb.logits(None if prompts.shape[1] == 0 else prompts.float(), data)
+            tokens = self.bb.counter.stats.tokens - before
+        return pack({"scores": out.float().cpu()}), tokens
+
+    def _encoded(self, task, split, perturb: dict | None):
+        key = hashlib.sha256(
+            json.dumps([{f: getattr(task, f) for f in TASK_FIELDS}, split.texts, split.text_pairs, perturb]).encode()
+        ).hexdigest()
+        if key in self.encodings:
+            self.encodings.move_to_end(key)
+            return self.encodings[key]
+        try:
+            data = self.bb.encode(task, split)
+            if perturb:
+                data = self.bb.perturbed(data, float(perturb["rate"]), int(perturb["seed"]))
+        except BBFLError as exc:
+            raise APIError(422, str(exc)) from exc
+        self.encodings[key] = data
+        if len(self.encodings) > 64:
+            self.encodings.popitem(last=False)
+        return data
+
+    def token_embeddings(self, payload: dict) -> bytes:
+        text, length = payload.get("text"), payload.get("length")
+        if not isinstance(text, str) or not isinstance(length, int) or not 1 <= length <= 4096:
+            raise APIError(422, f"need {{'text': str, 'length': 1..4096}}, got text={text!r}, length={length!r}")
+        with self.lock:
+            try:
+                emb = self.bb.token_embeddings(text, length)
+            except BBFLError as exc:
+                raise APIError(422, str(exc), param="text") from exc
+        return pack({"embeddings": emb.cpu()})
+
+    def info(self) -> dict:
+        return {
+            "model": self.bb.model_name,
+            "head": self.bb.head,
+            "prompt_attention": self.bb.prompt_attention,
+            "hidden_size": self.bb.hidden_size,
+            "embedding_std": self.bb.embedding_std,
+            "vocab_size": self.bb.word_embeddings.num_embeddings,
+            "mask_token": self.bb.tokenizer.mask_token,
+            "limits": asdict(self.limits),
+        }
+
+    # ------------------------------------------------------------------ OpenAI-compatible
+    def embeddings(self, payload: dict) -> dict:
+        texts = _texts(payload.get("input"), "input")
+        self._check_count("input", len(texts), self.limits.max_examples)
+        fmt = payload.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise APIError(422, f"encoding_format must be float or base64, got {fmt!r}", param="encoding_format")
+        bb = self.bb
+        with self.lock, torch.inference_mode():
+            enc = bb.tokenizer(texts, padding=True, truncation=True, max_length=bb.max_length, return_tensors="pt")
+            enc = {k: v.to(bb.device) for k, v in enc.items()}
+            hidden = bb.body(**enc).last_hidden_state.float()
+            weights = enc["attention_mask"].float()[..., None]
+            vectors = F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1).cpu().numpy()
+        n_tokens = int(enc["attention_mask"].sum())
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist(),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        return {"object": "list", "data": data, "model": self._model_id(payload), "usage": usage}
+
+    def completions(self, payload: dict) -> dict:
+        prompts = _texts(payload.get("prompt"), "prompt")
+        self._check_count("prompt", len(prompts), self.limits.max_examples)
+        k = _int(payload.get("logprobs"), "logprobs", 0, self.limits.max_top_logprobs, default=0)
+        logp, n_tokens = self._next_token(prompts)
+        choices = []
+        for i, (text, row) in enumerate(zip(prompts, logp)):
+            top = torch.topk(row, max(k, 1))
+            token = self._decode(int(top.indices[0]))
+            logprobs = None
+            if payload.get("logprobs") is not None:
+                table = {self._decode(int(j)): float(v) for v, j in zip(top.values[:k], top.indices[:k])}
+                logprobs = {
+                    "tokens": [token],
+                    "token_logprobs": [float(top.values[0])],
+                    "top_logprobs": [table],
+                    "text_offset": [len(text)],
+                }
+            choices.append({"index": i, "text": token, "logprobs": logprobs, "finish_reason": "length"})
+        return self._response("text_completion", payload, choices, n_tokens, len(prompts))
+
+    def chat(self, payload: dict) -> dict:
+        messages = payload.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(422, "messages must be a non-empty list", param="messages")
+        if _int(payload.get("n"), "n", 1, 1, default=1) != 1:
+            raise APIError(422, "n must be 1", param="n")
+        text = "\n".join(_message_text(m) for m in messages)
+        k = _int(payload.get("top_logprobs"), "top_logprobs", 0, self.limits.max_top_logprobs, default=0)
+        logp, n_tokens = self._next_token([text])
+        top = torch.topk(logp[0], max(k, 1))
+        token = self._decode(int(top.indices[0]))
+        logprobs = None
+        if payload.get("logprobs"):
+            entries = [_entry(self._decode(int(j)), float(v)) for v, j in zip(top.values[:k], top.indices[:k])]
+            logprobs = {"content": [{**_entry(token, float(top.values[0])), "top_logprobs": entries}]}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": token},
+            "logprobs": logprobs,
+            "finish_reason": "length",
+        }
+        return self._response("chat.completion", payload, [choice], n_tokens, 1)
+
+    def _next_token(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """[N, V] log-probabilities of the token at the mask (MLM) or after the text (causal)."""
+        bb = self.bb
+        if bb.head == "encoder":
+            raise APIError(400, f"{bb.model_name} is a sentence encoder: it has no token distribution; "
+                           "use /v1/embeddings or /v1/bbfl/scores")  # fmt: skip
+        mask = bb.tokenizer.mask_token
+        if bb.head == "mlm":
+            texts = [t if mask in t else f"{t} {mask}" for t in texts]
+        with self.lock, torch.inference_mode():
+            enc = bb.tokenizer(texts, padding=True, truncation=True, max_length=bb.max_length, return_tensors="pt")
+            ids, attn = enc["input_ids"].to(bb.device), enc["attention_mask"].to(bb.device)
+            if bb.head == "mlm":
+                hit = ids == bb.tokenizer.mask_token_id
+                if not bool(hit.any(1).all()):
+                    raise APIError(422, f"the mask token was truncated away (over {bb.max_length} tokens)", "prompt")
+                where = hit.float().argmax(1)  # the first mask of each text
+            else:
+                if bb.tokenizer.padding_side == "left":
+                    where = torch.full((len(texts),), ids.shape[1] - 1, device=bb.device)
+                else:
+                    where = attn.sum(1) - 1
+            logits = bb.model(input_ids=ids, attention_mask=attn).logits
+            picked = logits[torch.arange(len(texts), device=bb.device), where.long()]
+            return torch.log_softmax(picked.float(), -1).cpu(), int(attn.sum())
+
+    def _decode(self, token_id: int) -> str:
+        return self.bb.tokenizer.decode([token_id])
+
+    def _response(self, obj: str, payload: dict, choices: list, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "id": f"bbfl-{uuid.uuid4().hex[:16]}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self._model_id(payload),
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def _model_id(self, payload: dict) -> str:
+        return str(payload.get("model") or self.bb.model_name)
+
+    @staticmethod
+    def _check_count(name: str, value: int, limit: int, allow_zero: bool = False) -> None:
+        if value > limit:
+            raise APIError(422, f"{name}: {value} items in one request > limit {limit}; split the request", name)
+        if value == 0 and not allow_zero:
+            raise APIError(422, f"{name}: empty", name)
+
+
+def _texts(value: Any, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise APIError(422, f"{name} must be a string or a list of strings (token arrays are not supported)", name)
+
+
+def _int(value: Any, name: str, lo: int, hi: int, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise APIError(422, f"{name} must be an integer in [{lo}, {hi}], got {value!r}", name)
+    return value
+
+
+def _message_text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise APIError(422, "each message needs a string `content` (or a list of text parts)", "messages")
+
+
+def _entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _task_from_meta(meta: dict):
+    from bbfl.data import Split, Task
+
+    spec, texts, pairs = meta.get("task"), meta.get("texts"), meta.get("text_pairs")
+    if not isinstance(spec, dict) or any(f not in spec for f in TASK_FIELDS):
+        raise APIError(422, f"metadata `bbfl.task` must hold {list(TASK_FIELDS)}", "task")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise APIError(422, "metadata `bbfl.texts` must be a list of strings", "texts")
+    if pairs is not None and (not isinstance(pairs, list) or len(pairs) != len(texts)):
+        raise APIError(422, "metadata `bbfl.text_pairs` must be null or one string per text", "text_pairs")
+    task = Task(**{f: spec[f] for f in TASK_FIELDS}, loss="ce", train=Split([], np.zeros(0)))
+    return task, Split(texts, np.zeros(len(texts), dtype=np.int64), pairs)
+
+
+# ---------------------------------------------------------------------- the FastAPI app
+def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits | None = None):
+    """The ASGI app serving ``blackbox``. ``token=None`` turns authentication off (the CLI asks for it)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    server = Server(blackbox, token, limits or ServeLimits())
+    app = FastAPI(title="bbfl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        body = {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}}
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        # a JSON 500 naming the error type; the message may quote input, the traceback stays in the server
+        body = {"error": {"message": f"internal error ({type(exc).__name__})", "type": "server_error", "code": 500}}
+        return JSONResponse(body, status_code=500)
+
+    async def read(request: Request) -> bytes:
+        """Authenticate, then read the body without ever holding more than the size limit."""
+        if server.token is not None:
+            given = request.headers.get("authorization", "")
+            if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), server.token.encode())):
+                raise APIError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", "authentication")
+        server.requests += 1
+        limit = server.limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {int(declared)} bytes > limit {limit} bytes", "request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body over the limit of {limit} bytes", "request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_json(request: Request) -> dict:
+        body = await read(request)
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise APIError(400, f"body is not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise APIError(400, "body must be a JSON object")
+        return payload
+
+    @app.get("/health")
+    async def health() -> dict:
+        stats = server.bb.counter.stats.as_dict()
+        return {"status": "ok", "model": server.bb.model_name, "requests": server.requests, "served": stats}
+
+    @app.get("/v1/bbfl/info")
+    async def info(request: Request) -> dict:
+        await read(request)
+        return server.info()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        await read(request)
+        return {"object": "list", "data": [{"id": server.bb.model_name, "object": "model", "owned_by": "bbfl"}]}
+
+    @app.post("/v1/bbfl/scores")
+    async def scores(request: Request) -> Response:
+        body = await read(request)
+        out, tokens = await run_in_threadpool(server.scores, body)
+        return Response(out, media_type=SAFETENSORS, headers={"x-bbfl-tokens": str(tokens)})
+
+    @app.post("/v1/bbfl/token_embeddings")
+    async def token_embeddings(request: Request) -> Response:
+        payload = await read_json(request)
+        return Response(await run_in_threadpool(server.token_embeddings, payload), media_type=SAFETENSORS)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict:
+        return await run_in_threadpool(server.embeddings, await read_json(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> dict:
+        return await run_in_threadpool(server.completions, await read_json(request))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict:
+        return await run_in_threadpool(server.chat, await read_json(request))
+
+    return app
+
+
+def serve(
+    blackbox: LocalBlackBox,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    limits: ServeLimits | None = None,
+) -> None:
+    """Run the server until interrupted (uvicorn, one process; the model runs one request at a time)."""
+    import uvicorn
+
+    uvicorn.run(create_app(blackbox, token, limits), host=host, port=port, log_level="warning")
