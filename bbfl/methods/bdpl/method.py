@@ -23,15 +23,18 @@ embeddings), whose budget and cache apply.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bbfl.exceptions import ConfigError
+from bbfl.io import load_arrays, save_arrays
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bdpl.config import BDPLConfig
 from bbfl.methods.losses import accuracy, get_loss
@@ -122,17 +125,29 @@ def run_bdpl(
     vocab: list[str],
     loss_name: str = "ce",
     on_step: Callable[[dict], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> BDPLResult:
     """Centralised BDPL: policy-gradient steps until the next would pass ``config.budget`` queries.
 
     Every ``config.eval_every`` training queries the most likely prompt is scored on ``dev``; the best
     one is kept (dev checks cost one query each and are counted apart, as BBT's are).
+    ``checkpoint``: a safetensors file written after every step (probabilities, best prompt, sampler
+    state, history); if it exists the run continues from it and ends exactly as an uninterrupted one.
     """
     loss_fn = get_loss(loss_name, config.margin)
     rng = np.random.default_rng(config.seed)
     policy = PromptPolicy.uniform(config.prompt_length, len(vocab))
     best: dict[str, Any] = {"acc": -1.0, "indices": policy.most_likely()}
     queries, next_eval, history = 0, config.eval_every, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        arrays, meta = load_arrays(checkpoint)
+        state = json.loads(meta["bdpl"])
+        if arrays["probs"].shape != policy.probs.shape:
+            raise ConfigError(f"{checkpoint} holds a {arrays['probs'].shape} policy, not {policy.probs.shape}")
+        policy.probs = arrays["probs"].astype(np.float64)  # as saved (float64): no re-projection
+        best = {"acc": float(state["best_acc"]), "indices": arrays["best_indices"]}
+        queries, next_eval, history = int(state["queries"]), int(state["next_eval"]), list(state["history"])
+        rng.bit_generator.state = state["rng"]
     while queries + config.samples <= config.budget:
         indices = policy.sample(rng, config.samples)
         losses, scores = _losses(blackbox, [prompt_text(i, vocab) for i in indices], train, loss_fn)
@@ -155,6 +170,11 @@ def run_bdpl(
             record.update(dev_accuracy=acc, best_dev_accuracy=best["acc"])
             next_eval += config.eval_every * max(1, (queries - next_eval) // config.eval_every + 1)
         history.append(record)
+        if checkpoint is not None:
+            state = {"best_acc": best["acc"], "queries": queries, "next_eval": next_eval, "history": history}
+            state["rng"] = rng.bit_generator.state
+            arrays = {"probs": policy.probs, "best_indices": np.asarray(best["indices"], dtype=np.int64)}
+            save_arrays(checkpoint, arrays, {"bdpl": json.dumps(state)})
         if on_step is not None:
             on_step(record)
     return BDPLResult(prompt_text(best["indices"], vocab), best["indices"], best["acc"], queries, policy.probs, history)

