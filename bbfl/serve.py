@@ -9,7 +9,8 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
   (hidden size, embedding std, the embeddings of the prompt-init token).
 * OpenAI-compatible ``POST /v1/embeddings``: the mean-pooled, L2-normalised last hidden state (for
   the MiniLM default: its sentence embedding).
-* OpenAI-compatible ``POST /v1/completions`` (``logprobs``) and ``POST /v1/chat/completions``
+* OpenAI-compatible ``POST /v1/completions`` (``logprobs``; for a causal LM also ``echo`` with
+  ``max_tokens=0``: the prompt's own token log-probabilities) and ``POST /v1/chat/completions``
   (``logprobs`` + ``top_logprobs``). These "generate" exactly one token and report the model's
   **next-token distribution over the whole vocabulary**: for a masked LM, the distribution at the
   ``[MASK]`` position (the text's first mask; `` [MASK]`` is appended when there is none); for a
@@ -17,8 +18,11 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
   A sentence-encoder model has no token distribution and answers 400.
 * ``GET /health`` (no auth): status, model, and the totals served.
 
-Requests are size- and batch-limited (413 / 422 JSON errors naming the value and the limit) and the
-model runs one request at a time (a lock; handlers wait in a thread pool, never on the event loop).
+Requests are size- and batch-limited (413 / 422 JSON errors naming the value and the limit). Text
+requests (embeddings, completions, echo, chat) are **batched across concurrent requests**: handlers wait in a
+thread pool (never on the event loop) while one worker per kind runs everything that queued up while
+the model was busy as one padded forward (:class:`Batcher`). ``/v1/bbfl/scores`` requests already carry
+a whole population; they run one at a time. ``/health`` reports model calls vs. requests.
 """
 
 # no `from __future__ import annotations`: FastAPI must resolve the handlers' `Request` annotations
@@ -26,11 +30,13 @@ import base64
 import hashlib
 import hmac
 import json
+import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +59,8 @@ class ServeLimits:
     max_examples: int = 1024  # examples B per scores request, inputs per embeddings / completions request
     max_top_logprobs: int = 20  # OpenAI's own cap
     max_prompt_length: int = 256  # L: soft-prompt tokens (they add to the model's position budget)
+    max_batch_texts: int = 64  # texts per batched forward, summed over the concurrent requests merged into it
+    batch_wait_ms: float = 2.0  # after a text request arrives, wait this long for others to share its forward
 
 
 class APIError(Exception):
@@ -63,14 +71,105 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
+@dataclass
+class _Job:
+    items: list
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """Dynamic batching: concurrent callers' items go through ``run`` together, in one model call.
+
+    ``submit(items)`` blocks its (thread-pool) caller until its results are back. A worker thread takes
+    the oldest job plus every job that queued up meanwhile, up to ``max_items`` items, and calls
+    ``run(all_items) -> one result per item``. A busy server merges what arrived while it was busy; with
+    ``max_wait_s > 0`` the worker also waits that long after the first job for more to arrive (TorchServe's
+    ``maxBatchDelay``: a little latency for fuller batches). If a merged call fails, each job is retried
+    alone so that one request's bad input fails only that request.
+    """
+
+    def __init__(
+        self, run: Callable[[list], Sequence], max_items: int, max_wait_s: float = 0.0, name: str = "batcher"
+    ) -> None:
+        self.run, self.max_items, self.max_wait_s = run, max(1, max_items), max_wait_s
+        self.calls = 0  # model calls made
+        self.jobs = 0  # requests served
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._carry: _Job | None = None  # a job that did not fit the last batch goes first next time
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, items: list) -> list:
+        job = _Job(list(items))
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _loop(self) -> None:
+        while True:
+            self._execute(self._next_batch())
+
+    def _next_batch(self) -> list[_Job]:
+        first, self._carry = self._carry or self._queue.get(), None
+        jobs, count = [first], len(first.items)
+        deadline = time.monotonic() + self.max_wait_s
+        while count < self.max_items:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if count + len(job.items) > self.max_items:
+                self._carry = job
+                break
+            jobs.append(job)
+            count += len(job.items)
+        return jobs
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        try:
+            results = self._call([item for job in jobs for item in job.items])
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller(s), never swallowed
+            if len(jobs) == 1:
+                jobs[0].error = exc
+                jobs[0].done.set()
+            else:  # find whose input broke the merged call: each job alone
+                for job in jobs:
+                    self._execute([job])
+            return
+        start = 0
+        for job in jobs:
+            job.result, start = list(results[start : start + len(job.items)]), start + len(job.items)
+            self.jobs += 1
+            job.done.set()
+
+    def _call(self, items: list) -> list:
+        results: list = []
+        for start in range(0, len(items), self.max_items):  # one big request is split too: memory stays capped
+            chunk = items[start : start + self.max_items]
+            self.calls += 1
+            out = self.run(chunk)
+            if len(out) != len(chunk):
+                raise RuntimeError(f"batched call returned {len(out)} results for {len(chunk)} items")
+            results.extend(out)
+        return results
+
+
 class Server:
-    """The model plus the state a served model needs: a lock, an encoding cache and counters."""
+    """The model plus the state a served model needs: a lock, batchers, an encoding cache and counters."""
 
     def __init__(self, blackbox: LocalBlackBox, token: str | None, limits: ServeLimits) -> None:
         self.bb, self.token, self.limits = blackbox, token, limits
         self.lock = threading.Lock()  # one forward at a time: the model and its task state are shared
         self.encodings: OrderedDict[str, Any] = OrderedDict()  # request texts -> Encoded (LRU)
         self.requests = 0
+        wait = limits.batch_wait_ms / 1000
+        self.embedding_batcher = Batcher(self._embed_texts, limits.max_batch_texts, wait, "bbfl-embeddings")
+        self.next_token_batcher = Batcher(self._next_token_logprobs, limits.max_batch_texts, wait, "bbfl-next-token")
+        self.echo_batcher = Batcher(self._echo_logprobs, limits.max_batch_texts, wait, "bbfl-echo")
         self.started = time.time()
 
     # ------------------------------------------------------------------ soft-prompt scoring
@@ -153,14 +252,9 @@ class Server:
         fmt = payload.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise APIError(422, f"encoding_format must be float or base64, got {fmt!r}", param="encoding_format")
-        bb = self.bb
-        with self.lock, torch.inference_mode():
-            enc = bb.tokenizer(texts, padding=True, truncation=True, max_length=bb.max_length, return_tensors="pt")
-            enc = {k: v.to(bb.device) for k, v in enc.items()}
-            hidden = bb.body(**enc).last_hidden_state.float()
-            weights = enc["attention_mask"].float()[..., None]
-            vectors = F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1).cpu().numpy()
-        n_tokens = int(enc["attention_mask"].sum())
+        rows = self.embedding_batcher.submit(texts)
+        vectors = [vector for vector, _ in rows]
+        n_tokens = sum(count for _, count in rows)
         data = [
             {
                 "object": "embedding",
@@ -172,10 +266,26 @@ class Server:
         usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
         return {"object": "list", "data": data, "model": self._model_id(payload), "usage": usage}
 
+    def _embed_texts(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        """(mean-pooled, L2-normalised last hidden state, token count) per text, in one padded forward."""
+        bb = self.bb
+        with self.lock, torch.inference_mode():
+            enc = bb.tokenizer(texts, padding=True, truncation=True, max_length=bb.max_length, return_tensors="pt")
+            enc = {k: v.to(bb.device) for k, v in enc.items()}
+            hidden = bb.body(**enc).last_hidden_state.float()
+            weights = enc["attention_mask"].float()[..., None]
+            vectors = F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1).cpu().numpy()
+            counts = enc["attention_mask"].sum(1).tolist()
+        return list(zip(vectors, counts))
+
     def completions(self, payload: dict) -> dict:
+        """One "generated" token per prompt (the next-token distribution), or with ``echo=true`` and
+        ``max_tokens=0`` (causal LMs only) the log-probability of every token of each prompt."""
         prompts = _texts(payload.get("prompt"), "prompt")
         self._check_count("prompt", len(prompts), self.limits.max_examples)
         k = _int(payload.get("logprobs"), "logprobs", 0, self.limits.max_top_logprobs, default=0)
+        if payload.get("echo"):
+            return self._echo_completions(payload, prompts, k)
         logp, n_tokens = self._next_token(prompts)
         choices = []
         for i, (text, row) in enumerate(zip(prompts, logp)):
@@ -192,6 +302,66 @@ class Server:
                 }
             choices.append({"index": i, "text": token, "logprobs": logprobs, "finish_reason": "length"})
         return self._response("text_completion", payload, choices, n_tokens, len(prompts))
+
+    def _echo_completions(self, payload: dict, prompts: list[str], k: int) -> dict:
+        """``echo=true, max_tokens=0``: each prompt back with its tokens' log-probabilities (OpenAI's legacy
+        format: the first token has none), what lm-eval-style log-likelihood scoring reads."""
+        bb = self.bb
+        if bb.head != "causal":
+            raise APIError(400, f"echo needs a causal LM: {bb.model_name} is a {bb.head} model, which gives no "
+                           "left-to-right log-probabilities of a text's tokens", param="echo")  # fmt: skip
+        max_tokens = payload.get("max_tokens")
+        if isinstance(max_tokens, bool) or max_tokens != 0:  # False == 0 in Python, but it is no token count
+            raise APIError(422, "echo is supported only with max_tokens=0 (score the prompt, generate nothing); "
+                           f"got max_tokens={max_tokens!r}", param="max_tokens")  # fmt: skip
+        encoded = [_echo_tokens(bb.tokenizer, text, i, bb.max_length) for i, text in enumerate(prompts)]
+        n_tokens = sum(len(ids) for ids, _ in encoded)
+        rows = (
+            self.echo_batcher.submit([(ids, k) for ids, _ in encoded]) if payload.get("logprobs") is not None else None
+        )
+        choices = []
+        for i, (text, (ids, offsets)) in enumerate(zip(prompts, encoded)):
+            logprobs = None
+            if rows is not None:
+                token_logprobs, top = rows[i]
+                logprobs = {
+                    "tokens": [self._decode(t) for t in ids],
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                }
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": "length"})
+        return self._response("text_completion", payload, choices, n_tokens, 0)
+
+    def _echo_logprobs(self, items: list[tuple[list[int], int]]) -> list[tuple[list, list | None]]:
+        """Per (token ids, k): [None, log p(t_1 | t_0), ...] and, when k > 0, the top-k table at each position
+        (None first), from one right-padded forward of all sequences (requests with different k share it)."""
+        bb = self.bb
+        sequences, ks = [seq for seq, _ in items], [k for _, k in items]
+        k = max(ks)
+        ids = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, seq in enumerate(sequences):
+            ids[i, : len(seq)], attn[i, : len(seq)] = torch.tensor(seq), 1
+        with self.lock, torch.inference_mode():
+            logits = bb.model(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device)).logits[:, :-1].float()
+            norm = torch.logsumexp(logits, -1, keepdim=True)  # log-softmax without a second [N, T, V] tensor
+            picked = (logits.gather(-1, ids[:, 1:, None].to(bb.device)) - norm)[..., 0].cpu()
+            top = torch.topk(logits, k, -1) if k > 0 else None
+            top_values = (top.values - norm).cpu() if top is not None else None
+            top_indices = top.indices.cpu() if top is not None else None
+        rows = []
+        for i, seq in enumerate(sequences):
+            n = len(seq) - 1  # predicted positions: every token but the first
+            token_logprobs = [None, *picked[i, :n].tolist()]
+            table, k_i = None, ks[i]
+            if k_i > 0:
+                table = [None] + [
+                    {self._decode(int(j)): float(v) for v, j in zip(top_values[i, t, :k_i], top_indices[i, t, :k_i])}
+                    for t in range(n)
+                ]
+            rows.append((token_logprobs, table))
+        return rows
 
     def chat(self, payload: dict) -> dict:
         messages = payload.get("messages")
@@ -217,14 +387,20 @@ class Server:
         return self._response("chat.completion", payload, [choice], n_tokens, 1)
 
     def _next_token(self, texts: list[str]) -> tuple[torch.Tensor, int]:
-        """[N, V] log-probabilities of the token at the mask (MLM) or after the text (causal)."""
+        """[N, V] log-probabilities of the token at the mask (MLM) or after the text (causal), and the token count."""
         bb = self.bb
         if bb.head == "encoder":
             raise APIError(400, f"{bb.model_name} is a sentence encoder: it has no token distribution; "
                            "use /v1/embeddings or /v1/bbfl/scores")  # fmt: skip
-        mask = bb.tokenizer.mask_token
         if bb.head == "mlm":
+            mask = bb.tokenizer.mask_token
             texts = [t if mask in t else f"{t} {mask}" for t in texts]
+        rows = self.next_token_batcher.submit(texts)
+        return torch.stack([row for row, _ in rows]), sum(count for _, count in rows)
+
+    def _next_token_logprobs(self, texts: list[str]) -> list[tuple[torch.Tensor, int]]:
+        """(next-token log-probabilities [V], token count) per text, in one padded forward."""
+        bb = self.bb
         with self.lock, torch.inference_mode():
             enc = bb.tokenizer(texts, padding=True, truncation=True, max_length=bb.max_length, return_tensors="pt")
             ids, attn = enc["input_ids"].to(bb.device), enc["attention_mask"].to(bb.device)
@@ -240,7 +416,8 @@ class Server:
                     where = attn.sum(1) - 1
             logits = bb.model(input_ids=ids, attention_mask=attn).logits
             picked = logits[torch.arange(len(texts), device=bb.device), where.long()]
-            return torch.log_softmax(picked.float(), -1).cpu(), int(attn.sum())
+            logp = torch.log_softmax(picked.float(), -1).cpu()
+            return list(zip(logp, attn.sum(1).tolist()))
 
     def _decode(self, token_id: int) -> str:
         return self.bb.tokenizer.decode([token_id])
@@ -297,6 +474,26 @@ def _message_text(message: Any) -> str:
 
 def _entry(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _echo_tokens(tokenizer: Any, text: str, index: int, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` as echo scores them, and where each starts in ``text`` (OpenAI's ``text_offset``).
+
+    A leading BOS / CLS the tokenizer adds is kept (offset 0): it is the context that gives the text's first
+    word a log-probability. Trailing added tokens (SEP / EOS: empty character spans) are dropped: a text being
+    scored does not end there, and a client summing the tokens after some offset must not count them.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise APIError(400, "echo needs a fast tokenizer (for text offsets); this model has a slow one", "echo")
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ids, spans = list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
+    while ids and spans[-1][0] == spans[-1][1]:
+        ids.pop(), spans.pop()
+    if not ids:
+        raise APIError(422, f"prompt {index} has no tokens to echo", "prompt")
+    if len(ids) > max_length:  # never truncate: the tokens cut off would be the ones a caller scores
+        raise APIError(422, f"prompt {index}: {len(ids)} tokens > limit {max_length}; shorten it", "prompt")
+    return ids, [0] + [start for start, _ in spans[1:]]  # OpenAI: the first token starts the text, its spaces too
 
 
 def _task_from_meta(meta: dict):
@@ -368,7 +565,21 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
     @app.get("/health")
     async def health() -> dict:
         stats = server.bb.counter.stats.as_dict()
-        return {"status": "ok", "model": server.bb.model_name, "requests": server.requests, "served": stats}
+        batching = {
+            name: {"requests": b.jobs, "model_calls": b.calls}
+            for name, b in (
+                ("embeddings", server.embedding_batcher),
+                ("next_token", server.next_token_batcher),
+                ("echo", server.echo_batcher),
+            )
+        }
+        return {
+            "status": "ok",
+            "model": server.bb.model_name,
+            "requests": server.requests,
+            "served": stats,
+            "batching": batching,
+        }
 
     @app.get("/v1/bbfl/info")
     async def info(request: Request) -> dict:
@@ -413,7 +624,50 @@ def serve(
     token: str | None = None,
     limits: ServeLimits | None = None,
 ) -> None:
-    """Run the server until interrupted (uvicorn, one process; the model runs one request at a time)."""
+    """Run the server until interrupted (uvicorn, one process; concurrent text requests are batched)."""
     import uvicorn
 
     uvicorn.run(create_app(blackbox, token, limits), host=host, port=port, log_level="warning")
+
+
+def spawn_server(
+    args: Sequence[str] = (), token: str | None = None, threads: int = 1, timeout: float = 120.0
+) -> tuple[Any, str]:
+    """Start ``bbfl serve ARGS`` as a subprocess on a free local port; return ``(process, url)`` once healthy.
+
+    For tests, benchmarks and examples. ``token=None`` serves with ``--no-auth``. The caller stops the
+    process (``terminate()``); a server that exits or stays unhealthy raises RuntimeError with its output.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import httpx
+
+    from bbfl.federation.flower_local import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env.pop("BBFL_SERVE_TOKEN", None)
+    if token is not None:
+        env["BBFL_SERVE_TOKEN"] = token  # through the environment: never on a command line other users can read
+    cmd = [sys.executable, "-m", "bbfl.cli", "serve", "--port", str(port), *args]
+    if token is None:
+        cmd.append("--no-auth")
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server can never block on it
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"bbfl serve exited with {proc.returncode}: {log.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"bbfl serve on {url} not healthy after {timeout} s")

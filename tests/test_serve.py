@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,15 +21,10 @@ from bbfl.blackbox.remote import RemoteBlackBox, pack
 from bbfl.data import few_shot, load_task
 from bbfl.exceptions import BudgetExceeded, ConfigError
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, run_bbt
+from bbfl.serve import spawn_server
 
 TOKEN = "test-serve-token-5f2c9e"  # must never reach a file a run writes
 MAX_PROMPTS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -61,14 +53,9 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def served(tiny_models):
     """`bbfl serve` on the tiny BERT-MLM: (url, model path). 1 MiB request limit, 8 prompts per request."""
-    port = free_port()
-    env = {**os.environ, "BBFL_SERVE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "bbfl.cli", "serve", "--model", str(tiny_models["bert"]), "--port", str(port)]
-    cmd += ["--max-request-mb", "1", "--max-prompts", str(MAX_PROMPTS)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    args = ["--model", str(tiny_models["bert"]), "--max-request-mb", "1", "--max-prompts", str(MAX_PROMPTS)]
+    proc, url = spawn_server(args, token=TOKEN)
     try:
-        wait_healthy(url, proc)
         yield url, tiny_models["bert"]
     finally:
         stop(proc)
@@ -182,8 +169,8 @@ def test_openai_client_drives_the_openai_routes(served):
     assert sum(math.exp(v) for v in table.values()) < 1.0
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(api_key="wrong", base_url=f"{url}/v1", max_retries=0).embeddings.create(model="t", input="x")
-    # concurrent requests are serialised on the server: same answers as one at a time
-    texts = [f"movie number {i} was [MASK] ." for i in range(6)]
+    # concurrent requests are batched on the server: the same answers as one at a time (padding aside)
+    texts = [f"movie number {i} was {'really ' * i}[MASK] ." for i in range(12)]
 
     def ask(t: str) -> list:
         resp = client.chat.completions.create(
@@ -191,9 +178,68 @@ def test_openai_client_drives_the_openai_routes(served):
         )
         return [(e.token, e.logprob) for e in resp.choices[0].logprobs.content[0].top_logprobs]
 
-    with ThreadPoolExecutor(6) as pool:
+    def batching() -> dict:
+        return httpx.get(f"{url}/health").json()["batching"]["next_token"]
+
+    alone = [ask(t) for t in texts]
+    before = batching()
+    with ThreadPoolExecutor(len(texts)) as pool:
         parallel = list(pool.map(ask, texts))
-    assert parallel == [ask(t) for t in texts]
+    after = batching()
+    for got, want in zip(parallel, alone):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], atol=1e-4)
+    assert after["requests"] - before["requests"] == len(texts)
+    assert after["model_calls"] - before["model_calls"] < len(texts)  # some requests shared a forward
+
+
+def test_batcher_merges_what_queued_and_isolates_bad_input():
+    """Deterministic: the first call blocks until 5 more jobs have queued; they then run as one call, and a
+    job whose input breaks the merged call fails alone."""
+    import threading
+
+    from bbfl.serve import Batcher
+
+    gate, calls = threading.Event(), []
+
+    def run(items: list) -> list:
+        calls.append(list(items))
+        if len(calls) == 1:
+            gate.wait(10)
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [x.upper() for x in items]
+
+    batcher = Batcher(run, max_items=8)
+    jobs = [["a"], ["b", "c"], ["d"], ["bad"], ["e", "f", "g", "h", "i"], ["j"]]
+    results: dict[int, object] = {}
+
+    def submit(i: int) -> None:
+        try:
+            results[i] = batcher.submit(jobs[i])
+        except ValueError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=submit, args=(0,))]
+    threads[0].start()
+    while not calls:
+        time.sleep(0.001)
+    for i in range(1, len(jobs)):
+        threads.append(threading.Thread(target=submit, args=(i,)))
+        threads[-1].start()
+    while batcher._queue.qsize() < len(jobs) - 1:
+        time.sleep(0.001)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert results[0] == ["A"] and results[1] == ["B", "C"] and results[2] == ["D"] and results[5] == ["J"]
+    assert results[4] == ["E", "F", "G", "H", "I"] and isinstance(results[3], ValueError)
+    # call 2 merged jobs 1-3 (4 items; job 4's 5 items would pass max_items = 8), failed on "bad", so jobs
+    # 1, 2 and 3 were re-run alone; then job 4 (carried over) and job 5 ran together
+    assert calls[1] == ["b", "c", "d", "bad"]
+    assert calls[2:5] == [["b", "c"], ["d"], ["bad"]]
+    assert calls[5] == ["e", "f", "g", "h", "i", "j"]
+    assert batcher.jobs == 5 and batcher.calls == 6
 
 
 def test_openai_blackbox_reads_label_words_from_top_logprobs(served, demo):

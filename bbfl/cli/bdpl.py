@@ -30,7 +30,11 @@ BASE_URL = typer.Option(
 )
 API_KEY = typer.Option(None, help="API key (default $OPENAI_API_KEY); sent with requests, never written to disk.")
 API_MODEL = typer.Option("default", help="Model name sent with every request.")
-SCORING = typer.Option("auto", help="auto (probe the endpoint), chat (top_logprobs) or embeddings (cosine).")
+SCORING = typer.Option(
+    "auto",
+    help="auto (probe the endpoint), chat (top_logprobs), completions (echo: label-word log-likelihood) "
+    "or embeddings (cosine).",
+)
 BUDGET = typer.Option(
     None, help="Hard cap on API queries (one prompt on one batch), evaluations included (default: the run's plan)."
 )

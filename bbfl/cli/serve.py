@@ -33,6 +33,12 @@ def serve(
     max_prompts: int = typer.Option(256, help="Candidate prompts per scores request (more: HTTP 422)."),
     max_examples: int = typer.Option(1024, help="Examples / inputs per request (more: HTTP 422)."),
     max_prompt_length: int = typer.Option(256, help="Soft-prompt tokens L per candidate (more: HTTP 422)."),
+    max_batch_texts: int = typer.Option(
+        64, help="Texts per forward when concurrent embeddings / completions / chat requests are batched together."
+    ),
+    batch_wait_ms: float = typer.Option(
+        2.0, help="How long a text request waits for others to share its forward (0: only what already queued)."
+    ),
 ) -> None:
     """Serve a local model over HTTP: /v1/bbfl/scores (soft prompts), OpenAI-compatible /v1/embeddings,
     /v1/completions and /v1/chat/completions (next-token logprobs), /health."""
@@ -46,15 +52,30 @@ def serve(
         fail(ConfigError("`bbfl serve --model` takes a local model dir or hub name, not a URL"))
     if not token and not no_auth:
         fail(ConfigError("give a bearer token (--token or $BBFL_SERVE_TOKEN), or --no-auth to serve without one"))
-    if max_request_mb <= 0 or min(max_prompts, max_examples, max_prompt_length) < 1:
-        fail(ConfigError("--max-request-mb, --max-prompts, --max-examples and --max-prompt-length must be positive"))
+    if max_request_mb <= 0 or min(max_prompts, max_examples, max_prompt_length, max_batch_texts) < 1:
+        fail(
+            ConfigError(
+                "--max-request-mb, --max-prompts, --max-examples, --max-prompt-length and --max-batch-texts "
+                f"must be positive (got {max_request_mb}, {max_prompts}, {max_examples}, {max_prompt_length}, "
+                f"{max_batch_texts})"
+            )
+        )
+    if not 0 <= batch_wait_ms <= 1000:
+        fail(ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {batch_wait_ms}"))
     try:
         blackbox = LocalBlackBox(
             model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
         )
     except BBFLError as exc:
         fail(exc)
-    limits = ServeLimits(int(max_request_mb * 2**20), max_prompts, max_examples, max_prompt_length=max_prompt_length)
+    limits = ServeLimits(
+        int(max_request_mb * 2**20),
+        max_prompts,
+        max_examples,
+        max_prompt_length=max_prompt_length,
+        max_batch_texts=max_batch_texts,
+        batch_wait_ms=batch_wait_ms,
+    )
     auth = "no auth" if no_auth else "bearer token required"
     console.print(f"serving {blackbox.model_name} ({blackbox.head} head) on http://{host}:{port} ({auth})")
     run_server(blackbox, host, port, None if no_auth else token, limits)
