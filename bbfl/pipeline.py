@@ -448,6 +448,110 @@ def run_zoopfl_experiment(
     return run, records
 
 
+def prepare_personal_data(cfg: PersonalDataConfig, seed: int) -> tuple[Task, list[Split], list[Split], Split]:
+    """Task, each client's own (train, test) splits, and the global test split.
+
+    The same clients and splits that :func:`run_zoopfl_experiment` uses for ``seed`` (ZooPFL's seed), so
+    other methods can be scored on exactly ZooPFL's federation.
+    """
+    task, client_splits, test = prepare_federated_data(cfg, seed)
+    trains, tests = holdout_per_client(client_splits, cfg.client_test_fraction, seed)
+    return task, trains, tests, test
+
+
+class _ClientClock:
+    """Wall-clock of a method's client updates in this process, and the black box's seconds inside them."""
+
+    def __init__(self, method, blackbox) -> None:
+        self.seconds = self.blackbox_seconds = 0.0
+        self.updates = 0
+        update = method.client_update
+
+        def timed(*args, **kwargs):
+            began, inside = time.perf_counter(), blackbox.counter.stats.seconds
+            try:
+                return update(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - began
+                self.blackbox_seconds += blackbox.counter.stats.seconds - inside
+                self.updates += 1
+
+        method.client_update = timed  # the instance's own attribute: the class is untouched
+
+
+def run_fedbpt_personal_experiment(
+    data_cfg: PersonalDataConfig,
+    fed_cfg: FedBPTConfig,
+    engine_cfg: EngineConfig,
+    bb_cfg: BlackBoxConfig,
+    remap_cfg: ZooPFLConfig | None = None,
+    out_root: str | Path = "runs",
+    on_round: Callable[[dict], None] | None = None,
+) -> tuple[RunDir, list[dict], dict]:
+    """FedBPT on ZooPFL's federation, its global prompt scored per client: ZooPFL's non-personalised baselines.
+
+    FedBPT trains on each client's train split - the clients and (train, test) splits ZooPFL gets with
+    ``fed_cfg.seed`` (:func:`prepare_personal_data`). Then, on each client's own test split
+    (personalised accuracy as ZooPFL defines it): no prompt (zero-shot), the start p0 (z = 0), the final
+    global prompt, and - with ``remap_cfg`` - the global prompt through each client's private
+    re-mapping, fitted on its own train split's scores under that prompt with ZooPFL's layer and the
+    schedule of ZooPFL's re-mapping-only ablation over ``engine_cfg.rounds`` rounds
+    (:func:`~bbfl.methods.zoopfl.fit_client_remaps`). The re-mappings are fitted after the federation,
+    are in no message and are saved under ``remap/<client>.safetensors`` (the client's side).
+
+    Returns the run directory, the engine's records and a summary dict (also ``summary.json``) with the
+    accuracies, the clients' wall-clock (``client_seconds``, ``client_blackbox_seconds``) and the
+    re-mapping's cost (``remap_seconds``: fitting; ``remap_blackbox_seconds``: scoring the train splits).
+    Not resumable: a stopped run is started again.
+    """
+    from bbfl.methods.zoopfl import fit_client_remaps, personal_accuracy_of_prompt
+
+    task, trains, tests, test = prepare_personal_data(data_cfg, fed_cfg.seed)
+    blackbox = bb_cfg.build()
+    config = {
+        "method": "fedbpt-personal",
+        "data": asdict(data_cfg),
+        "fedbpt": fed_cfg.to_dict(),
+        "engine": asdict(engine_cfg),
+        "blackbox": bb_cfg.record(blackbox),
+        "remap": remap_cfg.to_dict() if remap_cfg is not None else None,
+        "client_sizes": [[len(a), len(b)] for a, b in zip(trains, tests)],
+    }
+    run = RunDir.create(out_root, f"fedbpt-personal-{task.name}", config)
+    method = _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, trains, test)
+    clock = _ClientClock(method, blackbox)
+    records = _federate(run, method, engine_cfg, on_round, None)
+    client_tests = [blackbox.encode(task, s) for s in tests]
+    projection = method.projection
+    prompt = projection(method.mean)[0]
+    zero_acc, _ = evaluate_prompt(blackbox, None, method.test)
+    summary = {
+        "task": task.name,
+        "test_accuracy": records[-1]["test_accuracy"],
+        "start_test_accuracy": records[0]["test_accuracy"],
+        "no_prompt_test_accuracy": zero_acc,
+        "no_prompt": personal_accuracy_of_prompt(blackbox, None, client_tests),
+        "start": personal_accuracy_of_prompt(blackbox, projection(np.zeros(fed_cfg.intrinsic_dim)), client_tests),
+        "global": personal_accuracy_of_prompt(blackbox, prompt, client_tests),
+        "train_queries": records[-1]["train_queries"],
+        "rounds": records[-1]["round"],
+        "client_updates": clock.updates,
+        "client_seconds": clock.seconds,
+        "client_blackbox_seconds": clock.blackbox_seconds,
+    }
+    if remap_cfg is not None:
+        began, inside = time.perf_counter(), blackbox.counter.stats.seconds
+        remaps = fit_client_remaps(blackbox, prompt, method.clients, remap_cfg, engine_cfg.rounds)
+        summary["remap_blackbox_seconds"] = blackbox.counter.stats.seconds - inside
+        summary["remap_seconds"] = time.perf_counter() - began - summary["remap_blackbox_seconds"]
+        summary["remap_queries"] = len(remaps)
+        summary["remap"] = personal_accuracy_of_prompt(blackbox, prompt, client_tests, remaps)
+        for c, (weight, bias) in enumerate(remaps):
+            save_arrays(run.path / "remap" / f"{c}.safetensors", {"remap_weight": weight, "remap_bias": bias})
+    run.write_summary(summary)
+    return run, records, summary
+
+
 # ---------------------------------------------------------------------- forward-only PEFT (FwdLLM, FedKSeed)
 FORWARD_METHODS = ("fwdllm", "fedkseed")
 

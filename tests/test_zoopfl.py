@@ -117,3 +117,87 @@ def test_local_only_sends_nothing_and_config_errors(tmp_path, tiny_models):
         ZooPFLConfig(surgery=False, remap=False)
     with pytest.raises(ValueError, match="estimator"):
         ZooPFLConfig(estimator="adam")
+
+
+# ---------------------------------------------------------------------- ZooPFL's shared-prompt baselines
+def test_personal_accuracy_of_prompt_matches_a_direct_computation(tiny_models):
+    """Test-size-weighted personal accuracy = accuracy on the union of the clients' tests (another code path)."""
+    from bbfl.methods.bbt import evaluate_prompt
+    from bbfl.methods.zoopfl import personal_accuracy_of_prompt
+
+    bb = LocalBlackBox(str(tiny_models["bert"]))
+    task = load_task("demo")
+    parts = [np.arange(0, 7), np.arange(7, 10), np.arange(10, 22)]
+    clients = [bb.encode(task, task.test.subset(p)) for p in parts]
+    union = bb.encode(task, task.test.subset(np.concatenate(parts)))
+    prompt = bb.token_embeddings(".", 3) + 0.5 * torch.randn(
+        3, bb.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    labels = union.labels.cpu().numpy()
+    scores = bb.logits(prompt[None], union)[0].cpu()
+    remaps = [(np.array([[0.0, 1.0], [1.0, 0.0]], np.float32), np.zeros(2, np.float32))] * 3  # swap the classes
+
+    for maps, expected_scores in [(None, scores), (remaps, scores.flip(-1))]:
+        got = personal_accuracy_of_prompt(bb, prompt, clients, maps)
+        right = expected_scores.argmax(-1).numpy() == labels
+        per_client = [right[p].mean() for p in parts]
+        assert got["personal_accuracy"] == pytest.approx(right.mean())
+        assert got["personal_accuracy_min"] == pytest.approx(min(per_client))
+        assert got["personal_accuracy_client_mean"] == pytest.approx(np.mean(per_client))
+        assert got["client_accuracies"] == pytest.approx(per_client)
+    plain = personal_accuracy_of_prompt(bb, prompt, clients)["personal_accuracy"]
+    assert plain == pytest.approx(evaluate_prompt(bb, prompt, union)[0])
+    swapped = personal_accuracy_of_prompt(bb, prompt, clients, remaps)["personal_accuracy"]
+    assert swapped == pytest.approx(1 - plain)  # two classes: swapping them flips every prediction
+
+
+def test_fit_remap_is_zoopfls_remap_only_client(tiny_models):
+    """The public re-mapping fit is the one ZooPFL's re-mapping-only client runs, to the last bit."""
+    from bbfl.methods.zoopfl import ZooPFL, fit_remap
+
+    bb = LocalBlackBox(str(tiny_models["bert"]))
+    task = load_task("demo")
+    clients = [bb.encode(task, task.train.subset(np.arange(i, i + 8))) for i in (0, 8)]
+    cfg = ZooPFLConfig(**SMALL, surgery=False)
+    method = ZooPFL(cfg, bb, clients, clients, bb.encode(task, task.test.head(8)), task.num_classes)
+    arrays, header = method.downlink(1)
+    method.client_update(0, 1, arrays, header, seed=0)
+    scores = method._scores(method.encoder, torch.zeros(cfg.client_embed_dim), method.features[0], clients[0])
+    weight, bias = fit_remap(scores, clients[0].labels, cfg, rounds=1)
+    state = method.client_state(0)
+    np.testing.assert_array_equal(weight, state["remap_weight"])
+    np.testing.assert_array_equal(bias, state["remap_bias"])
+    assert not np.allclose(weight, np.eye(2))  # it did learn something
+    assert method.evaluate(1)["client_remap_seconds"] > 0
+
+
+def test_fedbpt_baseline_uses_zoopfls_clients_and_keeps_the_remap_private(tmp_path, tiny_models, monkeypatch):
+    from bbfl.methods.fedbpt import FedBPTConfig
+    from bbfl.pipeline import run_fedbpt_personal_experiment
+
+    sent = []
+    encode = engine_module.encode_message
+
+    def spy(arrays, header, dtype="float32"):
+        sent.append((set(arrays), set(header)))
+        return encode(arrays, header, dtype)
+
+    monkeypatch.setattr(engine_module, "encode_message", spy)
+    data = PersonalDataConfig(task="demo", k_shot=12, num_clients=3, partition="dirichlet", alpha=0.5, test_limit=20)
+    fed = FedBPTConfig(intrinsic_dim=20, prompt_length=2, local_popsize=3, local_iter=2)  # seed 42 = ZooPFL's
+    run, records, summary = run_fedbpt_personal_experiment(
+        data,
+        fed,
+        EngineConfig(rounds=1, seed=2),
+        BlackBoxConfig(model=str(tiny_models["bert"])),
+        ZooPFLConfig(**SMALL, surgery=False),
+        out_root=tmp_path / "fedbpt",
+    )
+    assert sent and all(keys == {"mean"} and not any("remap" in h for h in head) for keys, head in sent)
+    zoo_run, _ = _run(tmp_path, tiny_models, "zoo", rounds=1)
+    assert run.config["client_sizes"] == zoo_run.config["client_sizes"]  # the same clients and splits
+    assert sorted(p.name for p in (run.path / "remap").iterdir()) == ["0.safetensors", "1.safetensors", "2.safetensors"]
+    for key in ("no_prompt", "start", "global", "remap"):
+        assert 0 <= summary[key]["personal_accuracy_min"] <= summary[key]["personal_accuracy"] <= 1
+    assert summary["remap_queries"] == 3 and summary["client_updates"] == 3
+    assert 0 < summary["client_blackbox_seconds"] <= summary["client_seconds"]

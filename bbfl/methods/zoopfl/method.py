@@ -22,6 +22,7 @@ for Personalized Federated Learning" (arXiv 2310.05143), which has no public cod
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -89,6 +90,9 @@ class ZooPFL(FederatedMethod):
         self.encoder = SurgeryEncoder(blackbox.hidden_size, config.hidden_dim, config.latent_dim)
         self.client_states: dict[int, Arrays] = {}
         self.train_queries = 0
+        # wall-clock of the client updates (this process, since start or resume): in total, inside the
+        # black box's calls, and fitting the re-mapping; the rest is the surgery's local work
+        self.client_seconds = {"total": 0.0, "blackbox": 0.0, "remap": 0.0}
 
     # ---------------------------------------------------------------- shared weights <-> arrays
     def _shared_arrays(self, module: SurgeryEncoder) -> Arrays:
@@ -127,6 +131,14 @@ class ZooPFL(FederatedMethod):
         return self.client_states[client]
 
     def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int):
+        began, blackbox_before = time.perf_counter(), self.blackbox.counter.stats.seconds
+        try:
+            return self._client_update(client, arrays, seed)
+        finally:
+            self.client_seconds["total"] += time.perf_counter() - began
+            self.client_seconds["blackbox"] += self.blackbox.counter.stats.seconds - blackbox_before
+
+    def _client_update(self, client: int, arrays: Arrays, seed: int):
         cfg, state = self.config, self._client_state(client)
         personal = {k[4:]: v for k, v in state.items() if k.startswith("enc.")}
         encoder = self._module_from(arrays if self._shares_surgery else (personal or self._shared_arrays(self.encoder)))
@@ -153,7 +165,9 @@ class ZooPFL(FederatedMethod):
                 loss = F.cross_entropy(scores @ remap_w.detach().T + remap_b.detach(), data.labels.cpu()).item()
             losses.append(loss)
             if cfg.remap:
+                began = time.perf_counter()
                 _fit_remap(remap_w, remap_b, opt_remap, scores, data.labels.cpu(), cfg.remap_steps)
+                self.client_seconds["remap"] += time.perf_counter() - began
         state["embedding"] = embedding.detach().numpy().copy()
         state["remap_weight"] = remap_w.detach().numpy().copy()
         state["remap_bias"] = remap_b.detach().numpy().copy()
@@ -209,19 +223,27 @@ class ZooPFL(FederatedMethod):
         return {"client_train_loss": float(np.mean(losses))}
 
     def evaluate(self, round_: int) -> dict:
-        """Global accuracy (shared surgery, neutral embedding, no re-mapping) and personalised accuracy."""
+        """Global accuracy (shared surgery, neutral embedding, no re-mapping) and personalised accuracy.
+
+        Also the clients' wall-clock so far (updates run in this process, since start or resume):
+        ``client_seconds``, of which ``client_blackbox_seconds`` inside the black box's calls and
+        ``client_remap_seconds`` fitting the re-mapping; the rest is the surgery's local work.
+        """
         zeros = torch.zeros(self.config.client_embed_dim)
         scores = self._scores(self.encoder, zeros, self.global_test_features, self.test)
         out = {"test_accuracy": _accuracy(scores, self.test.labels), "train_queries": self.train_queries}
-        correct, total, per_client = 0.0, 0, []
-        for c, (data, feats) in enumerate(zip(self.client_tests, self.test_features)):
-            if len(data) == 0:
-                continue
-            acc = self._personal_accuracy(c, data, feats)
-            per_client.append(acc)
-            correct, total = correct + acc * len(data), total + len(data)
-        if per_client:
-            out.update(personal_accuracy=correct / total, personal_accuracy_min=min(per_client))
+        per_client = [
+            (self._personal_accuracy(c, data, feats), len(data))
+            for c, (data, feats) in enumerate(zip(self.client_tests, self.test_features))
+            if len(data)
+        ]
+        out.update(personal_summary(per_client))
+        seconds = self.client_seconds
+        out.update(
+            client_seconds=seconds["total"],
+            client_blackbox_seconds=seconds["blackbox"],
+            client_remap_seconds=seconds["remap"],
+        )
         return out
 
     def _personal_accuracy(self, client: int, data: Encoded, feats: torch.Tensor) -> float:
@@ -277,6 +299,49 @@ def _pretrain_autoencoder(encoder: SurgeryEncoder, feats: torch.Tensor, steps: i
         opt.zero_grad()
         F.mse_loss(encoder.reconstruct(encoder(feats)), feats).backward()
         opt.step()
+
+
+def personal_summary(per_client: list[tuple[float, int]]) -> dict:
+    """ZooPFL's personalised metrics from (accuracy, test examples) of each client with a non-empty test split.
+
+    ``personal_accuracy`` = all clients' correct predictions / all their test examples, i.e. the mean of
+    the client accuracies weighted by test size; ``personal_accuracy_client_mean`` = their plain mean;
+    ``personal_accuracy_min`` = the worst client's. Empty input -> {}.
+
+    >>> personal_summary([(1.0, 3), (0.5, 2)])
+    {'personal_accuracy': 0.8, 'personal_accuracy_min': 0.5, 'personal_accuracy_client_mean': 0.75}
+    """
+    if not per_client:
+        return {}
+    correct, total = 0.0, 0
+    for acc, n in per_client:
+        correct, total = correct + acc * n, total + n
+    accs = [acc for acc, _ in per_client]
+    return {
+        "personal_accuracy": correct / total,
+        "personal_accuracy_min": min(accs),
+        "personal_accuracy_client_mean": sum(accs) / len(accs),
+    }
+
+
+def fit_remap(
+    scores: torch.Tensor, labels: torch.Tensor, config: ZooPFLConfig, rounds: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """ZooPFL's private semantic re-mapping fitted on fixed black-box scores [B, C], from the identity.
+
+    The same layer and schedule as a client of ZooPFL's re-mapping-only ablation (``surgery=False``) for
+    ``rounds`` rounds: per round a fresh Adam (``remap_lr``) and ``local_steps`` x ``remap_steps``
+    gradient steps of cross-entropy. Returns (weight [C, C], bias [C]); mapped scores = scores @ W.T + b.
+    """
+    c = scores.shape[-1]
+    weight = torch.eye(c, dtype=torch.float32).requires_grad_(True)
+    bias = torch.zeros(c, dtype=torch.float32).requires_grad_(True)
+    if len(labels):  # a client without training data keeps the identity
+        for _ in range(rounds):
+            opt = torch.optim.Adam([weight, bias], lr=config.remap_lr)
+            for _ in range(config.local_steps):
+                _fit_remap(weight, bias, opt, scores.float().cpu(), labels.cpu(), config.remap_steps)
+    return weight.detach().numpy().copy(), bias.detach().numpy().copy()
 
 
 def _fit_remap(weight, bias, opt, scores: torch.Tensor, labels: torch.Tensor, steps: int) -> None:
