@@ -245,6 +245,7 @@ class FederatedDataConfig(DataConfig):
     partition: str = "iid"
     alpha: float = 0.5
     shards_per_client: int = 2
+    min_client_size: int = 1  # examples every client gets at least (Dirichlet draws are topped up to it)
 
 
 def prepare_federated_data(cfg: FederatedDataConfig, seed: int) -> tuple[Task, list[Split], Split]:
@@ -260,6 +261,7 @@ def prepare_federated_data(cfg: FederatedDataConfig, seed: int) -> tuple[Task, l
         alpha=cfg.alpha,
         shards_per_client=cfg.shards_per_client,
         seed=seed,
+        min_size=cfg.min_client_size,
     )
     if task.test is None:
         raise DataError(f"task {task.name!r} has no test split; give a data dir with a test file")
@@ -390,6 +392,7 @@ class PersonalDataConfig(FederatedDataConfig):
     """Federated data where each client also keeps a held-out test split of its own."""
 
     client_test_fraction: float = 0.3
+    min_client_size: int = 2  # one example to train on and one to be scored on, at least
 
 
 def run_zoopfl_experiment(

@@ -34,6 +34,18 @@ def test_smaller_alpha_means_more_label_skew():
     assert skew(0.1) > skew(0.5) > skew(100.0)
 
 
+def test_strong_skew_with_few_classes_tops_up_small_clients():
+    """2 classes, 20 clients, Dir(0.1): redraws alone never give every client 2 examples (ZooPFL's setting)."""
+    labels = np.repeat([0, 1], 150)
+    parts = partition_labels(labels, 20, scheme="dirichlet", alpha=0.1, seed=13, min_size=2)
+    sizes = [len(p) for p in parts]
+    assert min(sizes) >= 2 and sum(sizes) == 300 and len(set(np.concatenate(parts).tolist())) == 300
+    hist = label_histogram(labels, parts, 2)
+    assert (hist.max(1) / hist.sum(1)).mean() > 0.8  # still strongly skewed after the top-up
+    again = partition_labels(labels, 20, scheme="dirichlet", alpha=0.1, seed=13, min_size=2)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
 def test_shards_give_few_labels_per_client():
     hist = label_histogram(LABELS, partition_labels(LABELS, 8, scheme="shards", shards_per_client=2, seed=0), 4)
     assert ((hist > 0).sum(1) <= 2).all()

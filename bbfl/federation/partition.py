@@ -38,7 +38,10 @@ def partition_labels(
     scheme : ``iid`` (uniform shuffle), ``dirichlet`` (per class, client shares ~ Dir(alpha); small
         alpha = strong label skew, as in FedBPT's alpha = 0.5), or ``shards`` (sort by label, cut into
         ``num_clients * shards_per_client`` shards, deal them out: each client sees few labels).
-    min_size : Dirichlet draws are repeated (up to ``max_tries``) until every client has this many.
+    min_size : Dirichlet draws are repeated (up to ``max_tries``) until every client has this many. If
+        none does (few classes, many clients and a small alpha: most of Dir(0.1)'s mass sits on one or two
+        clients per class), the last draw is topped up: each client short of ``min_size`` takes random
+        examples from the currently largest client. Only a few examples move, so the skew stays.
     """
     labels = np.asarray(labels)
     n = len(labels)
@@ -54,14 +57,11 @@ def partition_labels(
     if scheme == "dirichlet":
         if alpha <= 0:
             raise ConfigError(f"`alpha` must be > 0, got {alpha}")
-        for _ in range(max_tries):
+        for _ in range(max(1, max_tries)):
             parts = _dirichlet(labels, num_clients, alpha, rng)
             if min(len(p) for p in parts) >= min_size:
                 return parts
-        raise ConfigError(
-            f"could not give every one of {num_clients} clients {min_size} examples with alpha={alpha} in "
-            f"{max_tries} draws; use fewer clients, a larger alpha or a smaller min_size"
-        )
+        return _top_up(parts, min_size, rng)
     raise ConfigError(f"unknown partition scheme {scheme!r}; expected iid, dirichlet or shards")
 
 
@@ -74,6 +74,16 @@ def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.rando
         for client, chunk in enumerate(np.split(members, cuts)):
             parts[client].extend(chunk.tolist())
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+
+
+def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Move random examples from the largest client to each client below ``min_size`` (caller checked n)."""
+    pools = [list(rng.permutation(p)) for p in parts]
+    for client in range(len(pools)):
+        while len(pools[client]) < min_size:
+            donor = max(range(len(pools)), key=lambda c: len(pools[c]))
+            pools[client].append(pools[donor].pop())
+    return [np.sort(np.array(p, dtype=np.int64)) for p in pools]
 
 
 def _shards(labels: np.ndarray, num_clients: int, per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
