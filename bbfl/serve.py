@@ -7,6 +7,9 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
   is its client.
 * ``GET /v1/bbfl/info``, ``POST /v1/bbfl/token_embeddings`` - model facts BBT's projection needs
   (hidden size, embedding std, the embeddings of the prompt-init token).
+* ``POST /v1/bbfl/features`` - ZooPFL's client features (:func:`bbfl.methods.zoopfl.example_features`:
+  each text's mean input word embedding / the embedding std) as a safetensors ``features`` [B, H]; the
+  request is a scores request without ``prompts``. No model forward: it charges no queries.
 * OpenAI-compatible ``POST /v1/embeddings``: the mean-pooled, L2-normalised last hidden state (for
   the MiniLM default: its sentence embedding).
 * OpenAI-compatible ``POST /v1/completions`` (``logprobs``; for a causal LM also ``echo`` with
@@ -203,6 +206,23 @@ class Server:
                 out = self.bb.logits(None if prompts.shape[1] == 0 else prompts.float(), data)
             tokens = self.bb.counter.stats.tokens - before
         return pack({"scores": out.float().cpu()}), tokens
+
+    def features(self, body: bytes) -> bytes:
+        """ZooPFL's features of the request's texts: what a local run computes from the embedding table."""
+        from bbfl.methods.zoopfl.method import example_features  # lazy: the server needs ZooPFL only here
+
+        try:
+            _, meta = unpack(body)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        task, split = _task_from_meta(meta)
+        self._check_count("texts", len(split), self.limits.max_examples)
+        with self.lock:
+            # encoded outside inference mode, as /v1/bbfl/scores does: the cached encoding is shared with it
+            data = self._encoded(task, split, meta.get("perturb"))
+            with torch.inference_mode():
+                out = example_features(self.bb, data)
+        return pack({"features": out.float().cpu()})
 
     def _encoded(self, task, split, perturb: dict | None):
         key = hashlib.sha256(
@@ -596,6 +616,11 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
         body = await read(request)
         out, tokens = await run_in_threadpool(server.scores, body)
         return Response(out, media_type=SAFETENSORS, headers={"x-bbfl-tokens": str(tokens)})
+
+    @app.post("/v1/bbfl/features")
+    async def features(request: Request) -> Response:
+        body = await read(request)
+        return Response(await run_in_threadpool(server.features, body), media_type=SAFETENSORS)
 
     @app.post("/v1/bbfl/token_embeddings")
     async def token_embeddings(request: Request) -> Response:

@@ -318,3 +318,91 @@ def test_fedbpt_with_a_served_model_matches_local(served, tmp_path, monkeypatch)
     np.testing.assert_array_equal(
         load_arrays(local_dir / "prompt.safetensors")[0]["z"], load_arrays(remote_dir / "prompt.safetensors")[0]["z"]
     )
+
+
+def test_zoopfl_with_a_served_model_matches_local(served, tmp_path, monkeypatch):
+    """ZooPFL's features come from /v1/bbfl/features and its probes from paired scores: bit for bit local."""
+    from bbfl.federation.engine import EngineConfig
+    from bbfl.io import load_arrays
+    from bbfl.methods.zoopfl import ZooPFLConfig
+    from bbfl.pipeline import BlackBoxConfig, PersonalDataConfig, run_zoopfl_experiment
+
+    url, path = served
+    monkeypatch.setenv("BBFL_SERVE_TOKEN", TOKEN)
+    data = PersonalDataConfig(task="demo", k_shot=8, num_clients=2, test_limit=8)
+    zoo = ZooPFLConfig(
+        hidden_dim=16, latent_dim=4, client_embed_dim=2, prompt_length=2, local_steps=2, pretrain_steps=5
+    )
+    runs = []
+    for name, model in (("local", str(path)), ("remote", url)):
+        run, records = run_zoopfl_experiment(
+            data, zoo, EngineConfig(rounds=2, seed=2), BlackBoxConfig(model=model), tmp_path / name
+        )
+        runs.append((run.path, records))
+    (local_dir, local), (remote_dir, remote) = runs
+    keys = ("test_accuracy", "personal_accuracy", "personal_accuracy_min", "train_queries", "client_train_loss")
+    assert [[r.get(k) for k in keys] for r in local] == [[r.get(k) for k in keys] for r in remote]
+    assert len(remote) == 3 and "personal_accuracy" in remote[-1]
+    server_local, server_remote = (load_arrays(d / "server_state.safetensors")[0] for d in (local_dir, remote_dir))
+    for key in server_local:
+        np.testing.assert_array_equal(server_local[key], server_remote[key])
+    client_files = sorted(p.name for p in (local_dir / "clients").glob("*.safetensors"))
+    assert client_files == sorted(p.name for p in (remote_dir / "clients").glob("*.safetensors")) != []
+    for name in client_files:
+        mine, theirs = load_arrays(local_dir / "clients" / name)[0], load_arrays(remote_dir / "clients" / name)[0]
+        assert set(mine) == set(theirs)
+        for key in mine:
+            np.testing.assert_array_equal(mine[key], theirs[key])
+
+
+def test_features_endpoint_equals_local_and_is_not_a_query(served, demo):
+    from bbfl.data import Split
+    from bbfl.methods.zoopfl import example_features
+
+    url, path = served
+    task, train, _ = demo
+    lb, rb = LocalBlackBox(str(path)), RemoteBlackBox(url, token=TOKEN)
+    assert torch.equal(example_features(rb, rb.encode(task, train)), example_features(lb, lb.encode(task, train)))
+    assert rb.feature_requests == 1 and rb.counter.stats.queries == 0  # no forward: no query charged
+    # more texts than one request may hold (max_examples 1024): the client splits, the numbers do not change
+    many = Split([f"review {i}: {'good ' * (i % 5)}film" for i in range(1030)], np.zeros(1030, dtype=np.int64))
+    assert torch.equal(example_features(rb, rb.encode(task, many)), example_features(lb, lb.encode(task, many)))
+    assert rb.feature_requests == 3
+    with pytest.raises(ConfigError, match="example_features"):
+        rb.word_embeddings  # noqa: B018 - the property raises
+
+
+def test_features_endpoint_rejects_no_token_and_oversized_requests(served, demo):
+    from bbfl.blackbox.remote import task_spec
+
+    url, _ = served
+    task, train, _ = demo
+    meta = {"task": task_spec(task), "texts": train.texts[:2], "text_pairs": None, "perturb": None}
+    resp = httpx.post(f"{url}/v1/bbfl/features", content=pack({}, meta))
+    assert resp.status_code == 401 and "bearer token" in resp.json()["error"]["message"]
+    meta["texts"] = ["a film"] * 1025
+    resp = httpx.post(f"{url}/v1/bbfl/features", content=pack({}, meta), headers=auth())
+    assert resp.status_code == 422
+    assert resp.json()["error"]["message"] == "texts: 1025 items in one request > limit 1024; split the request"
+    resp = httpx.post(f"{url}/v1/bbfl/features", content=b"not safetensors", headers=auth())
+    assert resp.status_code == 400
+
+
+def test_paired_scores_too_big_for_one_request_are_split(served, demo):
+    """ZooPFL's per-example prompts grow with B; past the server's 1 MiB limit the client splits the request."""
+    from bbfl.data import Split
+
+    url, path = served
+    task, train, _ = demo
+    lb, rb = LocalBlackBox(str(path)), RemoteBlackBox(url, token=TOKEN)
+    big = Split(train.texts * 4, np.tile(train.labels, 4))  # 32 examples
+    torch.manual_seed(0)
+    before = httpx.get(f"{url}/health").json()["requests"]
+    # 3 x 8 prompts of 180 x 64 floats: 1.1 MB, split by candidate; 1 x 32 x 256 x 64: 2.1 MB, split by example
+    for split, shape in ((train, (3, 8, 180, 64)), (big, (1, 32, 256, 64))):
+        prompts = torch.randn(shape) * 0.02
+        got = rb.paired_logits(prompts, rb.encode(task, split))
+        # not bit for bit: the server pads each part on its own, the local run the whole batch at once
+        torch.testing.assert_close(got, lb.paired_logits(prompts, lb.encode(task, split)))
+    assert rb.counter.stats.queries == lb.counter.stats.queries == 4
+    assert httpx.get(f"{url}/health").json()["requests"] - before == 2 + 4  # 1 + 2 candidates; 4 x 8 examples

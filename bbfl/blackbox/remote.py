@@ -2,9 +2,11 @@
 
 BBT was written for this setting (Sun et al., 2022, https://arxiv.org/abs/2201.03514): the client
 owns the data and the optimiser, the server owns the model and returns only class scores.
-:class:`RemoteBlackBox` has the interface BBT and FedBPT use from :class:`~bbfl.blackbox.LocalBlackBox`
+:class:`RemoteBlackBox` has the interface BBT, FedBPT and ZooPFL use from :class:`~bbfl.blackbox.LocalBlackBox`
 (``encode``, ``perturbed``, ``logits``, ``paired_logits``, ``token_embeddings``, ``hidden_size``,
-``embedding_std``, ``counter``), so ``--model http://HOST:PORT`` is the only change a run needs.
+``embedding_std``, ``counter``), so ``--model http://HOST:PORT`` is the only change a run needs. ZooPFL's
+client features (mean input word embeddings) need the embedding table, which stays on the server:
+:meth:`RemoteBlackBox.example_features` asks ``POST /v1/bbfl/features`` for them.
 
 Wire format of ``POST /v1/bbfl/scores`` (both directions are safetensors bytes; nothing is pickled):
 
@@ -12,8 +14,17 @@ Wire format of ``POST /v1/bbfl/scores`` (both directions are safetensors bytes; 
   (one prompt per example, ZooPFL); metadata key ``bbfl`` holds JSON ``{"task": {name, labels,
   label_words, label_descriptions, template, encoder_template}, "texts": [...], "text_pairs":
   [...] | null, "perturb": {"rate", "seed"} | null}``. The labels never leave the client.
-* response: tensor ``scores`` float32 ``[P, B, C]`` (examples in request order); metadata
-  ``queries``, ``examples``, ``tokens`` (what the server charged).
+* response: tensor ``scores`` float32 ``[P, B, C]`` (examples in request order); header
+  ``x-bbfl-tokens`` (the tokens the server's model processed).
+
+A request the server would refuse as too large (``max_request_bytes``, ``max_prompts``,
+``max_examples`` from ``/v1/bbfl/info``) is split by the client: candidates first, then examples
+(paired prompts travel with their examples; perturbed data is never split by example, since the
+perturbation is drawn over the whole request).
+
+``POST /v1/bbfl/features`` takes the same metadata without ``prompts`` and answers a tensor
+``features`` float32 ``[B, H]``: ZooPFL's per-example features, computed from the server's embedding
+table. It runs no forward and charges no queries.
 
 The server tokenizes with its own tokenizer, so the client needs no model files; scores equal a
 local run's bit for bit (``tests/test_serve.py``).
@@ -125,6 +136,7 @@ class RemoteBlackBox:
             raise ConfigError(f"remote model URL must start with http:// or https://, got {url!r}")
         self.model_name = url.rstrip("/")
         self.counter = QueryCounter(budget)
+        self.feature_requests = 0  # POST /v1/bbfl/features: no forward, so outside the query budget
         self.retries = retries
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -151,13 +163,38 @@ class RemoteBlackBox:
         return float(self.info["embedding_std"])
 
     @property
+    def limits(self) -> dict[str, int]:
+        """The server's request limits (``/v1/bbfl/info``); the client splits requests to stay within them."""
+        return self.info["limits"]
+
+    @property
     def word_embeddings(self) -> torch.nn.Embedding:
-        raise ConfigError("a served model does not expose its embedding table (ZooPFL needs it): use a local --model")
+        raise ConfigError(
+            "a served model does not expose its embedding table; what the methods need from it is asked of "
+            "the server (ZooPFL's features: RemoteBlackBox.example_features), or use a local --model"
+        )
 
     def token_embeddings(self, text_or_token: str, length: int) -> torch.Tensor:
         """[length, H] embeddings of a token repeated / a text cycled (BBT's p0), asked of the server."""
         resp = self._request("POST", "/v1/bbfl/token_embeddings", json={"text": text_or_token, "length": length})
         return unpack(resp.content)[0]["embeddings"].float()
+
+    def example_features(self, data: RemoteEncoded) -> torch.Tensor:
+        """[B, H] ZooPFL's features of ``data`` (:func:`bbfl.methods.zoopfl.example_features`), from the server.
+
+        Not a query of the model (no forward, no budget): counted in ``feature_requests``. Features are
+        per example, so splitting a big split into ``max_examples`` requests changes no number.
+        """
+        if len(data) == 0:
+            return torch.zeros(0, self.hidden_size)
+        step = int(self.limits["max_examples"]) if data.perturb is None else len(data)
+        parts = []
+        for start in range(0, len(data), step):
+            part = data if step >= len(data) else data.subset(list(range(start, min(start + step, len(data)))))
+            resp = self._post("/v1/bbfl/features", pack({}, part.request_meta()))
+            self.feature_requests += 1
+            parts.append(unpack(resp.content)[0]["features"].float())
+        return torch.cat(parts, 0)
 
     # ------------------------------------------------------------------ data
     def encode(self, task: Task, split: Split) -> RemoteEncoded:
@@ -194,18 +231,39 @@ class RemoteBlackBox:
 
     def _scores(self, prompts: torch.Tensor, data: RemoteEncoded) -> torch.Tensor:
         n_cand = prompts.shape[0]
-        step = max(1, int(self.info["limits"]["max_prompts"]))  # split a population the server would refuse
+        step = max(1, int(self.limits["max_prompts"]))  # split a population the server would refuse
         with self.counter.charge(queries=n_cand, examples=n_cand * len(data), tokens=0):
-            parts = []
-            for start in range(0, n_cand, step):
-                body = pack({"prompts": prompts[start : start + step].float()}, data.request_meta())
-                resp = self._request(
-                    "POST", "/v1/bbfl/scores", content=body, headers={"Content-Type": "application/octet-stream"}
-                )
-                tensors, _ = unpack(resp.content)
-                self.counter.stats.tokens += int(resp.headers.get("x-bbfl-tokens", 0))
-                parts.append(tensors["scores"])
+            parts = [self._scores_request(prompts[start : start + step], data) for start in range(0, n_cand, step)]
         return torch.cat(parts, 0)
+
+    def _scores_request(self, prompts: torch.Tensor, data: RemoteEncoded) -> torch.Tensor:
+        """[P, B, C] scores in one request, or in halves where the server would refuse it (413, or 422 on B).
+
+        ZooPFL's paired prompts ([K, B, L, H]) grow with B: a client with many examples on a wide model
+        would pass ``max_request_bytes``. Requests within the limits are sent unchanged (same numbers as before).
+        """
+        body = pack({"prompts": prompts.float()}, data.request_meta())
+        too_many = len(data) > int(self.limits["max_examples"])
+        too_big = len(body) > int(self.limits["max_request_bytes"])
+        if too_big and not too_many and prompts.shape[0] > 1:
+            half = prompts.shape[0] // 2
+            return torch.cat([self._scores_request(prompts[:half], data), self._scores_request(prompts[half:], data)])
+        if (too_big or too_many) and len(data) > 1 and data.perturb is None:
+            return self._scores_by_example_halves(prompts, data)
+        resp = self._post("/v1/bbfl/scores", body)  # within the limits, or not splittable: the server says why
+        self.counter.stats.tokens += int(resp.headers.get("x-bbfl-tokens", 0))
+        return unpack(resp.content)[0]["scores"]
+
+    def _scores_by_example_halves(self, prompts: torch.Tensor, data: RemoteEncoded) -> torch.Tensor:
+        """The examples in two requests (or more); paired prompts ([K, B, L, H]) go with their examples."""
+        cut, parts = len(data) // 2, []
+        for idx in (list(range(cut)), list(range(cut, len(data)))):
+            part = prompts[:, idx] if prompts.dim() == 4 else prompts
+            parts.append(self._scores_request(part, data.subset(idx)))
+        return torch.cat(parts, 1)
+
+    def _post(self, path: str, body: bytes):
+        return self._request("POST", path, content=body, headers={"Content-Type": "application/octet-stream"})
 
     def _request(self, method: str, path: str, **kwargs: Any):
         import httpx

@@ -49,7 +49,14 @@ class SurgeryEncoder(nn.Module):
 
 
 def example_features(blackbox: LocalBlackBox, data: Encoded) -> torch.Tensor:
-    """[B, H] mean input word embedding of each example's ordinary tokens (original order), / embedding std."""
+    """[B, H] mean input word embedding of each example's ordinary tokens (original order), / embedding std.
+
+    A black box with its own ``example_features`` (a served model: its client cannot read the embedding
+    table) computes them itself, with this function on the server's side.
+    """
+    own = getattr(blackbox, "example_features", None)
+    if own is not None:
+        return own(data)
     special = torch.tensor(sorted(set(blackbox.tokenizer.all_special_ids)))
     table = blackbox.word_embeddings.weight.detach().float().cpu()
     feats = torch.stack([table[ids.cpu()[~torch.isin(ids.cpu(), special)]].mean(0) for ids in data.input_ids])
