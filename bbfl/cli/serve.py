@@ -40,8 +40,10 @@ def serve(
         2.0, help="How long a text request waits for others to share its forward (0: only what already queued)."
     ),
 ) -> None:
-    """Serve a local model over HTTP: /v1/bbfl/scores (soft prompts), OpenAI-compatible /v1/embeddings,
-    /v1/completions and /v1/chat/completions (next-token logprobs), /health."""
+    """Serve a local model over HTTP: /v1/bbfl/scores (soft prompts in, class scores out: BBT, FedBPT,
+    ZooPFL), /v1/bbfl/info, /v1/bbfl/token_embeddings and /v1/bbfl/features (what those methods' clients
+    need), OpenAI-compatible /v1/embeddings, /v1/completions (logprobs; echo for a causal LM) and
+    /v1/chat/completions (next-token top_logprobs), and /health. Concurrent text requests are batched."""
     try:
         from bbfl.blackbox import LocalBlackBox
         from bbfl.serve import ServeLimits
