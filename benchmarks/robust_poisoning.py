@@ -88,10 +88,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--out", default="poisoning_results.jsonl")
     args = parser.parse_args()
-    results = [run(args, "fedbpt", attacked=False)] + [run(args, rule, attacked=True) for rule in args.rules]
-    with open(args.out, "a") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
+    results = []
+    for rule, attacked in [("fedbpt", False)] + [(rule, True) for rule in args.rules]:
+        results.append(run(args, rule, attacked))
+        with open(args.out, "a") as f:  # as each run finishes: a long benchmark stopped early keeps its results
+            f.write(json.dumps(results[-1]) + "\n")
     print(f"| rule | poisoned clients | test accuracy after {args.rounds} rounds | curve |")
     print("|---|---|---|---|")
     for r in results:
