@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,11 +18,15 @@ from bbfl.data import Split, Task, few_shot, load_task
 from bbfl.data.sampling import holdout_per_client
 from bbfl.exceptions import DataError
 from bbfl.federation.engine import EngineConfig
+from bbfl.methods.base import FederatedMethod
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, checkpoint_history, evaluate_prompt, run_bbt
 from bbfl.methods.fedbpt import FedBPTConfig
 from bbfl.methods.prompt_tuning import PromptTuningConfig, tune_prompt_whitebox
 from bbfl.methods.zoopfl import ZooPFLConfig
 from bbfl.report import RunDir, save_arrays
+
+if TYPE_CHECKING:
+    from bbfl.blackbox.openai_api import OpenAIBlackBox
 
 
 @dataclass
@@ -350,10 +354,12 @@ def _zoopfl_method(zoo_cfg, data_cfg, blackbox, task, client_splits, test):
     return ZooPFL(zoo_cfg, blackbox, *encode, blackbox.encode(task, test), task.num_classes)
 
 
-def build_federated_method(config: dict):
+def build_federated_method(config: dict) -> tuple[FederatedMethod, EngineConfig]:
     """(method, engine config) from a run's ``config.json`` contents - what Flower's apps build on both sides."""
     from bbfl.exceptions import ConfigError
 
+    if config.get("method") == "fedone":  # a text API, not a LocalBlackBox: its own record in "blackbox"
+        return _fedone_from_config(config)
     engine_cfg, bb_cfg = EngineConfig(**config["engine"]), BlackBoxConfig.from_saved(config["blackbox"])
     if config.get("method") == "fedbpt":
         data_cfg, fed_cfg = FederatedDataConfig(**config["data"]), FedBPTConfig(**config["fedbpt"])
@@ -369,7 +375,7 @@ def build_federated_method(config: dict):
         task, splits, test = prepare_federated_data(data_cfg, cfg.seed)
         blackbox = _forward_blackbox(bb_cfg, cfg.peft).build()
         return _forward_method(name, cfg, engine_cfg, blackbox, task, splits, test), engine_cfg
-    raise ConfigError(f"unknown federated method {config.get('method')!r}; expected fedbpt, zoopfl, fwdllm or fedkseed")
+    raise ConfigError(f"unknown federated method {config.get('method')!r}; expected one of {FEDERATED_METHODS}")
 
 
 def _federate(run: RunDir, method, engine_cfg: EngineConfig, on_round, stop_after: int | None) -> list[dict]:
@@ -642,3 +648,70 @@ def run_forward_experiment(
         run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
         run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
     return run, records
+
+
+# ---------------------------------------------------------------------- FedOne (discrete prompts via a text API)
+# the config "method"s build_federated_method (so Flower's apps) accepts; for front ends' checks
+FEDERATED_METHODS = ("fedbpt", "zoopfl", *FORWARD_METHODS, "fedone")
+
+
+def openai_blackbox_from_record(saved: dict) -> OpenAIBlackBox:
+    """The OpenAIBlackBox a run's config.json describes (``bbfl fedone``'s ``blackbox`` record).
+
+    The key is read from ``$OPENAI_API_KEY`` of the process that builds it (each Flower SuperNode and the
+    ServerApp): config.json only says whether the run had one, and none is ever written anywhere.
+    """
+    import os
+
+    from bbfl.blackbox.openai_api import OpenAIBlackBox
+    from bbfl.exceptions import ConfigError
+
+    if saved.get("api_key_given") and not os.environ.get("OPENAI_API_KEY"):
+        raise ConfigError(
+            f"this run used an API key for {saved.get('base_url')}: set $OPENAI_API_KEY in the environment of "
+            "every process that builds it (on Flower: the SuperLink's and each SuperNode's)"
+        )
+    return OpenAIBlackBox(
+        saved["model"],
+        base_url=saved["base_url"],
+        scoring=saved["scoring"],  # resolved when the run started: no probing here
+        budget=saved["budget"],
+        top_logprobs=saved["top_logprobs"],
+        label_floor=saved["label_floor"],
+        mask_text=saved["mask_text"],
+        instruction=saved["instruction"],
+        concurrency=saved.get("concurrency", 4),
+        # shared by every process of a run on one host: entries are written atomically (temp + rename)
+        cache_dir=saved.get("cache_dir"),
+    )
+
+
+def _fedone_from_config(config: dict) -> tuple[FederatedMethod, EngineConfig]:
+    """FedOne from ``bbfl fedone``'s config.json: the data, vocabulary and black box of that run."""
+    from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab
+
+    engine_cfg = EngineConfig(**config["engine"])
+    data_cfg, cfg = FederatedDataConfig(**config["data"]), BDPLConfig(**config["bdpl"])
+    _check_fedone_budget(cfg, engine_cfg, data_cfg.num_clients, int(config["blackbox"]["budget"]))
+    task, splits, test = prepare_federated_data(data_cfg, cfg.seed)
+    if any(len(s) == 0 for s in splits):
+        raise DataError("a FedOne client received no examples: raise k_shot or lower num_clients")
+    # the saved vocabulary: a prompt index must name the same word on the server and on every SuperNode
+    vocab = config.get("vocab") or candidate_vocab([t for s in splits for t in s.texts], cfg.num_candidates)
+    blackbox = openai_blackbox_from_record(config["blackbox"])
+    loss_name = task.loss if cfg.loss == "auto" else cfg.loss
+    clients = [blackbox.encode(task, s) for s in splits]
+    return FedOne(cfg, blackbox, clients, blackbox.encode(task, test), vocab, loss_name), engine_cfg
+
+
+def _check_fedone_budget(cfg, engine_cfg: EngineConfig, num_clients: int, budget: int) -> None:
+    # e.g. `bbfl flower-local --rounds N` on a fedone run: more rounds than its query budget pays for
+    from bbfl.exceptions import ConfigError
+    from bbfl.methods.bdpl import fedone_plan
+
+    plan = fedone_plan(cfg, engine_cfg.rounds, engine_cfg.clients_per_round or num_clients)
+    if plan > budget:
+        raise ConfigError(
+            f"{engine_cfg.rounds} FedOne rounds need {plan} API queries > the run's budget {budget}; "
+            "lower the rounds or start a run with a larger --budget"
+        )

@@ -1,8 +1,15 @@
 """FedBPT with 2 of 10 clients poisoned: plain aggregation vs. FedMedian, trimmed mean and Krum.
 
-The poisoned clients run their local CMA-ES honestly, then upload their mean shifted by ``--shift``
-per coordinate (finite and under the wire's norm limit, so validation cannot catch it: only a robust
-rule can). The same clients, data and seeds for every rule; one run without an attack as reference.
+Two attacks (``--attack``), both finite and under the wire's norm limit, so validation cannot catch
+them: only a robust rule can.
+
+* ``shift``: the poisoned clients run their local CMA-ES honestly, then upload their mean shifted by
+  ``--shift`` per coordinate.
+* ``flip-boost`` (label flipping + model replacement, Bagdasaryan et al. 2020): the poisoned clients
+  train on labels shifted by one class, then upload ``global + boost * (local - global)`` with
+  ``boost`` = clients / poisoned clients, so that plain averaging lands on their prompt.
+
+The same clients, data and seeds for every rule; one run without an attack as reference.
 
     python benchmarks/robust_poisoning.py --task sst2 --data-dir ../shared/data/sst2 --rounds 4
 """
@@ -14,6 +21,7 @@ import json
 import tempfile
 import time
 
+from bbfl.data import Split
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.fedbpt import FedBPTConfig
 from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, _fedbpt_method, prepare_federated_data
@@ -21,17 +29,28 @@ from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, _fedbpt_method, p
 RULES = ("fedbpt", "fedavg", "median", "trimmed", "krum")
 
 
-def poison(method, clients: set[int], shift: float) -> None:
-    """Make ``clients`` of ``method`` upload mean + shift (the attack)."""
+def poison(method, clients: set[int], attack: str, shift: float, boost: float) -> None:
+    """Make ``clients`` of ``method`` upload a poisoned mean (see the module docstring)."""
     honest = method.client_update
 
     def client_update(client, round_, arrays, header, seed):
         update, head = honest(client, round_, arrays, header, seed)
         if client in clients:
-            update = {**update, "mean": update["mean"] + shift}
+            mean = update["mean"]
+            if attack == "shift":
+                mean = mean + shift
+            else:  # model replacement: scale the poisoned step so that the average lands on it
+                start = arrays["mean"].astype(mean.dtype)
+                mean = start + boost * (mean - start)
+            update = {**update, "mean": mean}
         return update, head
 
     method.client_update = client_update
+
+
+def flip_labels(split: Split, num_classes: int) -> Split:
+    """The same texts with every label moved to the next class (binary: flipped)."""
+    return Split(split.texts, (split.labels + 1) % num_classes, split.text_pairs)
 
 
 def run(args, rule: str, attacked: bool) -> dict:
@@ -55,15 +74,20 @@ def run(args, rule: str, attacked: bool) -> dict:
     engine = EngineConfig(rounds=args.rounds, seed=args.seed)
     blackbox = BlackBoxConfig(max_length=args.max_length).build()
     task, splits, test = prepare_federated_data(data, args.seed)
+    malicious = set(range(args.malicious))
+    if attacked and args.attack == "flip-boost":
+        splits = [flip_labels(s, len(task.labels)) if c in malicious else s for c, s in enumerate(splits)]
     method = _fedbpt_method(fed, engine, blackbox, task, splits, test)
     if attacked:
-        poison(method, set(range(args.malicious)), args.shift)
+        boost = args.boost or args.clients / max(1, args.malicious)
+        poison(method, malicious, args.attack, args.shift, boost)
     start = time.perf_counter()
     records = run_federation(method, engine, tempfile.mkdtemp(prefix="bbfl-poison-"))
     return {
         "rule": rule,
         "attacked": attacked,
         "malicious": args.malicious if attacked else 0,
+        "attack": args.attack,
         "shift": args.shift,
         "zero_shot": records[0]["test_accuracy"],
         "test_acc": records[-1]["test_accuracy"],
@@ -78,7 +102,9 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--malicious", type=int, default=2)
-    parser.add_argument("--shift", type=float, default=5.0, help="added to each coordinate of a poisoned mean")
+    parser.add_argument("--attack", default="shift", choices=("shift", "flip-boost"))
+    parser.add_argument("--shift", type=float, default=5.0, help="shift: added to each coordinate of a poisoned mean")
+    parser.add_argument("--boost", type=float, default=None, help="flip-boost: scale (default clients / poisoned)")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-iter", type=int, default=4)

@@ -91,7 +91,9 @@ def _blackbox(
 def _bb_record(bb: Any, api_key: str | None, cache_dir: str | None, concurrency: int) -> dict:
     """The black box's settings for config.json: whether a key was given, never the key."""
     given = bool(api_key) or bool(os.environ.get("OPENAI_API_KEY"))
-    return {**bb.record(), "api_key_given": given, "cache_dir": cache_dir, "concurrency": concurrency}
+    # absolute: a resume from elsewhere and Flower's app processes (`bbfl flower-local`) find the same cache
+    cache = str(Path(cache_dir).resolve()) if cache_dir else None
+    return {**bb.record(), "api_key_given": given, "cache_dir": cache, "concurrency": concurrency}
 
 
 def bdpl_plan(train_queries: int, samples: int, eval_every: int) -> int:
@@ -323,7 +325,7 @@ def fedone(
 ) -> None:
     """FedOne: federated BDPL; one active client per round, the server averages prompt distributions (ICML 2025)."""
     from bbfl.federation.engine import EngineConfig, run_federation
-    from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab
+    from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, fedone_plan
     from bbfl.methods.losses import accuracy
     from bbfl.pipeline import FederatedDataConfig, prepare_federated_data
     from bbfl.report import RunDir, summary_table
@@ -368,8 +370,8 @@ def fedone(
                 alpha=alpha,
             )
             # zero-shot + round 0's evaluation, then per round: the active clients' steps + one evaluation
-            per_round = clients_per_round * cfg.local_steps * cfg.samples + 1
-            plan = 2 + rounds * per_round
+            plan = fedone_plan(cfg, rounds, clients_per_round)  # also checked when Flower builds the run
+            per_round = (plan - 2) // rounds
             if budget is not None and plan > budget:
                 raise ConfigError(
                     f"this run needs {plan} API queries ({rounds} rounds x {per_round}, evaluations included) > "

@@ -25,6 +25,7 @@ def flower_local(
     from rich.table import Table
 
     from bbfl.federation.flower_local import LocalFederation
+    from bbfl.pipeline import FEDERATED_METHODS
 
     try:
         path = Path(config)
@@ -32,7 +33,7 @@ def flower_local(
         if not path.is_file():
             raise ConfigError(f"{config!r} is neither a run directory nor a config.json")
         settings = json.loads(path.read_text())
-        if settings.get("method") not in ("fedbpt", "zoopfl"):
+        if settings.get("method") not in FEDERATED_METHODS:
             raise ConfigError(f"{path} is not a federated run (method {settings.get('method')!r})")
         if rounds is not None:
             settings["engine"]["rounds"] = rounds

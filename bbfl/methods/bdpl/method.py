@@ -180,10 +180,18 @@ def run_bdpl(
     return BDPLResult(prompt_text(best["indices"], vocab), best["indices"], best["acc"], queries, policy.probs, history)
 
 
+def fedone_plan(config: BDPLConfig, rounds: int, clients_per_round: int) -> int:
+    """API queries a FedOne run makes at most: zero-shot and round 0's evaluation, then per round each active
+    client's steps and one evaluation of the global prompt (no drop-outs)."""
+    return 2 + rounds * (clients_per_round * config.local_steps * config.samples + 1)
+
+
 class FedOne(FederatedMethod):
     """FedOne: clients run BDPL steps from the global prompt distribution; the server averages them.
 
-    The client data are whatever ``blackbox.encode`` returned (e.g. a :class:`TextBatch`).
+    The client data are whatever ``blackbox.encode`` returned (e.g. a :class:`TextBatch`). Clients keep no
+    private state, so on Flower a SuperNode's ``Context`` holds nothing for FedOne; the run's config builds
+    it on every side (:func:`bbfl.pipeline.build_federated_method`).
     """
 
     def __init__(self, config: BDPLConfig, blackbox: Any, clients: list, test: Any, vocab: list[str], loss_name: str):
@@ -210,7 +218,6 @@ class FedOne(FederatedMethod):
             indices = policy.sample(rng, self.config.samples)
             step_losses, _ = _losses(self.blackbox, [prompt_text(i, self.vocab) for i in indices], data, self.loss_fn)
             policy.step(indices, step_losses, self.config.lr)
-            self.train_queries += self.config.samples
             losses.append(float(step_losses.mean()))
         return {"probs": policy.probs.astype(np.float32)}, {"examples": len(data), "loss": float(np.mean(losses))}
 
@@ -218,6 +225,9 @@ class FedOne(FederatedMethod):
         weights = np.array([h["examples"] for _, _, h in updates], dtype=np.float64)
         stacked = np.stack([u["probs"].astype(np.float64) for _, u, _ in updates])
         self.policy = PromptPolicy(np.tensordot(weights / weights.sum(), stacked, axes=1))
+        # counted here, not in client_update: on Flower the clients run in other processes, and a count
+        # the server derives from the config cannot be inflated by a client's header
+        self.train_queries += len(updates) * self.config.local_steps * self.config.samples
         return {"client_loss_mean": float(np.mean([h["loss"] for _, _, h in updates]))}
 
     def evaluate(self, round_: int) -> dict:

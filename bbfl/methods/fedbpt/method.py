@@ -66,7 +66,8 @@ class FedBPT(FederatedMethod):
         self.sigma = self.config.sigma0  # what clients start from
         self.scale_sigma = self.config.sigma0  # the unfloored value the next rescaling multiplies
         self.rounds: list[dict] = []  # what aggregate() saw: replayed on resume
-        self.train_queries = 0
+        self.train_queries = 0  # of the aggregated updates, as their clients report them
+        self._client_queries = 0
 
     def downlink(self, round_: int) -> tuple[Arrays, dict]:
         arrays = {"mean": self.mean.astype(np.float32)}
@@ -83,6 +84,7 @@ class FedBPT(FederatedMethod):
         sigma_sq = float(sum(np.sum(np.square(h["sigmas"])) for _, _, h in updates))
         local_mu = float(updates[0][2]["local_mu"])
         weights = np.array([h["examples"] for _, _, h in updates], dtype=np.float64)
+        self.train_queries += sum(int(h.get("queries", 0)) for _, _, h in updates)
         step = {
             "solutions": solutions,
             "fitnesses": fitnesses,
@@ -148,7 +150,7 @@ class FedBPT(FederatedMethod):
         es = CMAES(arrays["mean"].astype(np.float64), float(header["sigma"]), cfg.local_popsize, seed=seed)
         if "covariance" in arrays:
             es.set_covariance(arrays["covariance"])
-        sigmas = []
+        sigmas, self._client_queries = [], 0
         for _ in range(cfg.local_iter):
             sigmas.append(es.sigma)
             candidates = es.ask()
@@ -164,13 +166,14 @@ class FedBPT(FederatedMethod):
                 "sigmas": sigmas,
                 "local_mu": es.mu,
                 "examples": len(self.clients[client]),
+                "queries": self._client_queries,  # counted by the server on aggregation (on Flower too)
             },
         )
 
     def _fitness(self, client: int, candidates: np.ndarray) -> np.ndarray:
         prompts = self.projection(candidates)
         data = self.clients[client]
-        self.train_queries += len(candidates) * (1 if self.perturbed[client] is None else 2)
+        self._client_queries += len(candidates) * (1 if self.perturbed[client] is None else 2)
         clean = self.loss_fn(self.blackbox.logits(prompts, data), data.labels)
         if self.perturbed[client] is not None:
             noisy = self.perturbed[client]

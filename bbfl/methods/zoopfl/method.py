@@ -96,7 +96,8 @@ class ZooPFL(FederatedMethod):
         torch.manual_seed(config.seed)  # the initial shared weights: the same on every run with this seed
         self.encoder = SurgeryEncoder(blackbox.hidden_size, config.hidden_dim, config.latent_dim)
         self.client_states: dict[int, Arrays] = {}
-        self.train_queries = 0
+        self.train_queries = 0  # of the aggregated updates, as their clients report them
+        self._client_queries = 0
         # wall-clock of the client updates (this process, since start or resume): in total, inside the
         # black box's calls, and fitting the re-mapping; the rest is the surgery's local work
         self.client_seconds = {"total": 0.0, "blackbox": 0.0, "remap": 0.0}
@@ -147,6 +148,7 @@ class ZooPFL(FederatedMethod):
 
     def _client_update(self, client: int, arrays: Arrays, seed: int):
         cfg, state = self.config, self._client_state(client)
+        self._client_queries = 0
         personal = {k[4:]: v for k, v in state.items() if k.startswith("enc.")}
         encoder = self._module_from(arrays if self._shares_surgery else (personal or self._shared_arrays(self.encoder)))
         embedding = torch.tensor(state["embedding"], requires_grad=True)
@@ -167,7 +169,7 @@ class ZooPFL(FederatedMethod):
             else:  # re-mapping only: the black box's scores never change, ask once
                 if fixed_scores is None:
                     fixed_scores = self._scores(encoder, embedding, feats, data)
-                    self.train_queries += 1
+                    self._client_queries += 1
                 scores = fixed_scores
                 loss = F.cross_entropy(scores @ remap_w.detach().T + remap_b.detach(), data.labels.cpu()).item()
             losses.append(loss)
@@ -183,7 +185,8 @@ class ZooPFL(FederatedMethod):
             if cfg.surgery:  # local-only: the client's own surgery is private state
                 state.update({f"enc.{k}": v for k, v in shared.items()})
             shared = {}
-        return shared, {"examples": len(data), "train_loss": float(np.mean(losses))}
+        header = {"examples": len(data), "train_loss": float(np.mean(losses)), "queries": self._client_queries}
+        return shared, header  # the server counts the queries on aggregation (on Flower too)
 
     def _zeroth_order_step(self, encoder, embedding, remap_w, remap_b, feats, data, generator):
         """One ZO step: probe the black box around each example's code, backprop the estimate into E and e_c."""
@@ -197,7 +200,7 @@ class ZooPFL(FederatedMethod):
 
         def loss_at(codes: torch.Tensor) -> torch.Tensor:
             scores = self.blackbox.paired_logits(self._prefixes(codes), data).cpu().clone()  # [K, B, C]
-            self.train_queries += len(codes)
+            self._client_queries += len(codes)
             seen["scores"] = scores[0]
             return _per_example_ce(scores @ remap_w.detach().T + remap_b.detach(), data.labels.cpu())
 
@@ -220,6 +223,7 @@ class ZooPFL(FederatedMethod):
     # ---------------------------------------------------------------- server
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
         losses = [h["train_loss"] for _, _, h in updates]
+        self.train_queries += sum(int(h.get("queries", 0)) for _, _, h in updates)
         if self._shares_surgery:
             weights = np.array([h["examples"] for _, _, h in updates], dtype=np.float64)
             weights /= weights.sum()
