@@ -21,6 +21,8 @@ import json
 import tempfile
 import time
 
+import numpy as np
+
 from bbfl.data import Split
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.fedbpt import FedBPTConfig
@@ -92,6 +94,7 @@ def run(args, rule: str, attacked: bool) -> dict:
         "zero_shot": records[0]["test_accuracy"],
         "test_acc": records[-1]["test_accuracy"],
         "curve": [round(r["test_accuracy"], 4) for r in records],
+        "final_mean": method.mean.astype(float).tolist(),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -119,11 +122,15 @@ def main() -> None:
         results.append(run(args, rule, attacked))
         with open(args.out, "a") as f:  # as each run finishes: a long benchmark stopped early keeps its results
             f.write(json.dumps(results[-1]) + "\n")
-    print(f"| rule | poisoned clients | test accuracy after {args.rounds} rounds | curve |")
-    print("|---|---|---|---|")
+    # how far the attack moved the global prompt: || z_final - z_final(no attack) || / || z_final(no attack) ||
+    clean = np.asarray(results[0]["final_mean"])
+    print(f"| rule | poisoned clients | test accuracy after {args.rounds} rounds | curve | drift of z from no-attack |")
+    print("|---|---|---|---|---|")
     for r in results:
         curve = ", ".join(f"{100 * a:.1f}" for a in r["curve"])
-        print(f"| {r['rule']} | {r['malicious']} of {args.clients} | {100 * r['test_acc']:.1f} | {curve} |")
+        drift = np.linalg.norm(np.asarray(r["final_mean"]) - clean) / max(np.linalg.norm(clean), 1e-12)
+        acc = 100 * r["test_acc"]
+        print(f"| {r['rule']} | {r['malicious']} of {args.clients} | {acc:.1f} | {curve} | {drift:.2f} |")
 
 
 if __name__ == "__main__":
