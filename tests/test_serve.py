@@ -27,20 +27,6 @@ TOKEN = "test-serve-token-5f2c9e"  # must never reach a file a run writes
 MAX_PROMPTS = 8
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not healthy after {timeout} s")
-
-
 def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
