@@ -18,7 +18,7 @@ from bbfl.data import Split, Task, few_shot, load_task
 from bbfl.data.sampling import holdout_per_client
 from bbfl.exceptions import DataError
 from bbfl.federation.engine import EngineConfig
-from bbfl.methods.base import FederatedMethod
+from bbfl.methods.base import ClientClock, FederatedMethod
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, checkpoint_history, evaluate_prompt, run_bbt
 from bbfl.methods.fedbpt import FedBPTConfig
 from bbfl.methods.prompt_tuning import PromptTuningConfig, tune_prompt_whitebox
@@ -346,10 +346,9 @@ def _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test):
     return FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
 
 
-def _zoopfl_method(zoo_cfg, data_cfg, blackbox, task, client_splits, test):
+def _zoopfl_method(zoo_cfg, blackbox, task, trains, tests, test):
     from bbfl.methods.zoopfl import ZooPFL
 
-    trains, tests = holdout_per_client(client_splits, data_cfg.client_test_fraction, zoo_cfg.seed)
     encode = [blackbox.encode(task, s) for s in trains], [blackbox.encode(task, s) for s in tests]
     return ZooPFL(zoo_cfg, blackbox, *encode, blackbox.encode(task, test), task.num_classes)
 
@@ -367,8 +366,8 @@ def build_federated_method(config: dict) -> tuple[FederatedMethod, EngineConfig]
         return _fedbpt_method(fed_cfg, engine_cfg, bb_cfg.build(), task, splits, test), engine_cfg
     if config.get("method") == "zoopfl":
         data_cfg, zoo_cfg = PersonalDataConfig(**config["data"]), ZooPFLConfig(**config["zoopfl"])
-        task, splits, test = prepare_federated_data(data_cfg, zoo_cfg.seed)
-        return _zoopfl_method(zoo_cfg, data_cfg, bb_cfg.build(), task, splits, test), engine_cfg
+        task, trains, tests, test = prepare_personal_data(data_cfg, zoo_cfg.seed)
+        return _zoopfl_method(zoo_cfg, bb_cfg.build(), task, trains, tests, test), engine_cfg
     if config.get("method") in FORWARD_METHODS:
         name = config["method"]
         data_cfg, cfg = FederatedDataConfig(**config["data"]), _forward_config(name, config[name])
@@ -401,6 +400,17 @@ class PersonalDataConfig(FederatedDataConfig):
     min_client_size: int = 2  # one example to train on and one to be scored on, at least
 
 
+def prepare_personal_data(cfg: PersonalDataConfig, seed: int) -> tuple[Task, list[Split], list[Split], Split]:
+    """Task, each client's own (train, test) splits, and the global test split.
+
+    What ZooPFL trains and scores on (:func:`run_zoopfl_experiment`, Flower's apps) for ``seed`` (ZooPFL's
+    seed), so other methods can be scored on exactly ZooPFL's federation.
+    """
+    task, client_splits, test = prepare_federated_data(cfg, seed)
+    trains, tests = holdout_per_client(client_splits, cfg.client_test_fraction, seed)
+    return task, trains, tests, test
+
+
 def run_zoopfl_experiment(
     data_cfg: PersonalDataConfig,
     zoo_cfg: ZooPFLConfig,
@@ -417,8 +427,7 @@ def run_zoopfl_experiment(
         saved = run.config
         data_cfg, zoo_cfg = PersonalDataConfig(**saved["data"]), ZooPFLConfig(**saved["zoopfl"])
         engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
-    task, client_splits, test = prepare_federated_data(data_cfg, zoo_cfg.seed)
-    trains, tests = holdout_per_client(client_splits, data_cfg.client_test_fraction, zoo_cfg.seed)  # for sizes
+    task, trains, tests, test = prepare_personal_data(data_cfg, zoo_cfg.seed)
     blackbox = bb_cfg.build()
     if resume is None:
         config = {
@@ -430,7 +439,7 @@ def run_zoopfl_experiment(
             "client_sizes": [[len(a), len(b)] for a, b in zip(trains, tests)],
         }
         run = RunDir.create(out_root, f"zoopfl-{task.name}", config)
-    method = _zoopfl_method(zoo_cfg, data_cfg, blackbox, task, client_splits, test)
+    method = _zoopfl_method(zoo_cfg, blackbox, task, trains, tests, test)
     records = _federate(run, method, engine_cfg, on_round, stop_after)
     if records and records[-1]["round"] == engine_cfg.rounds:
         final = records[-1]
@@ -455,37 +464,6 @@ def run_zoopfl_experiment(
         )
         run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
     return run, records
-
-
-def prepare_personal_data(cfg: PersonalDataConfig, seed: int) -> tuple[Task, list[Split], list[Split], Split]:
-    """Task, each client's own (train, test) splits, and the global test split.
-
-    The same clients and splits that :func:`run_zoopfl_experiment` uses for ``seed`` (ZooPFL's seed), so
-    other methods can be scored on exactly ZooPFL's federation.
-    """
-    task, client_splits, test = prepare_federated_data(cfg, seed)
-    trains, tests = holdout_per_client(client_splits, cfg.client_test_fraction, seed)
-    return task, trains, tests, test
-
-
-class _ClientClock:
-    """Wall-clock of a method's client updates in this process, and the black box's seconds inside them."""
-
-    def __init__(self, method, blackbox) -> None:
-        self.seconds = self.blackbox_seconds = 0.0
-        self.updates = 0
-        update = method.client_update
-
-        def timed(*args, **kwargs):
-            began, inside = time.perf_counter(), blackbox.counter.stats.seconds
-            try:
-                return update(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - began
-                self.blackbox_seconds += blackbox.counter.stats.seconds - inside
-                self.updates += 1
-
-        method.client_update = timed  # the instance's own attribute: the class is untouched
 
 
 def run_fedbpt_personal_experiment(
@@ -528,7 +506,7 @@ def run_fedbpt_personal_experiment(
     }
     run = RunDir.create(out_root, f"fedbpt-personal-{task.name}", config)
     method = _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, trains, test)
-    clock = _ClientClock(method, blackbox)
+    clock = ClientClock(method, blackbox)
     records = _federate(run, method, engine_cfg, on_round, None)
     client_tests = [blackbox.encode(task, s) for s in tests]
     projection = method.projection

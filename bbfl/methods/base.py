@@ -6,7 +6,9 @@ serialisation and checkpoints. Messages are arrays plus a JSON-able header, noth
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from typing import Any
 
 import numpy as np
 
@@ -55,3 +57,27 @@ class FederatedMethod(ABC):
     def load_client_state(self, client: int, arrays: Arrays) -> None:
         """Inverse of :meth:`client_state` (called on resume)."""
         return None  # stateless clients: nothing to restore
+
+
+class ClientClock:
+    """Wall-clock of a method's client updates in this process, and the black box's seconds inside them.
+
+    Wraps ``method.client_update`` on the instance (the class is untouched); counts since it was made
+    (a resumed run starts again from zero).
+    """
+
+    def __init__(self, method: FederatedMethod, blackbox: Any) -> None:
+        self.seconds = self.blackbox_seconds = 0.0
+        self.updates = 0
+        update = method.client_update
+
+        def timed(*args, **kwargs):
+            began, inside = time.perf_counter(), blackbox.counter.stats.seconds
+            try:
+                return update(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - began
+                self.blackbox_seconds += blackbox.counter.stats.seconds - inside
+                self.updates += 1
+
+        method.client_update = timed

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bbfl.blackbox import Encoded, LocalBlackBox
-from bbfl.methods.base import Arrays, FederatedMethod
+from bbfl.methods.base import Arrays, ClientClock, FederatedMethod
 from bbfl.methods.zoopfl.config import ZooPFLConfig
 
 
@@ -100,7 +100,8 @@ class ZooPFL(FederatedMethod):
         self._client_queries = 0
         # wall-clock of the client updates (this process, since start or resume): in total, inside the
         # black box's calls, and fitting the re-mapping; the rest is the surgery's local work
-        self.client_seconds = {"total": 0.0, "blackbox": 0.0, "remap": 0.0}
+        self.clock = ClientClock(self, blackbox)
+        self.remap_seconds = 0.0
 
     # ---------------------------------------------------------------- shared weights <-> arrays
     def _shared_arrays(self, module: SurgeryEncoder) -> Arrays:
@@ -139,14 +140,6 @@ class ZooPFL(FederatedMethod):
         return self.client_states[client]
 
     def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int):
-        began, blackbox_before = time.perf_counter(), self.blackbox.counter.stats.seconds
-        try:
-            return self._client_update(client, arrays, seed)
-        finally:
-            self.client_seconds["total"] += time.perf_counter() - began
-            self.client_seconds["blackbox"] += self.blackbox.counter.stats.seconds - blackbox_before
-
-    def _client_update(self, client: int, arrays: Arrays, seed: int):
         cfg, state = self.config, self._client_state(client)
         self._client_queries = 0
         personal = {k[4:]: v for k, v in state.items() if k.startswith("enc.")}
@@ -176,7 +169,7 @@ class ZooPFL(FederatedMethod):
             if cfg.remap:
                 began = time.perf_counter()
                 _fit_remap(remap_w, remap_b, opt_remap, scores, data.labels.cpu(), cfg.remap_steps)
-                self.client_seconds["remap"] += time.perf_counter() - began
+                self.remap_seconds += time.perf_counter() - began
         state["embedding"] = embedding.detach().numpy().copy()
         state["remap_weight"] = remap_w.detach().numpy().copy()
         state["remap_bias"] = remap_b.detach().numpy().copy()
@@ -249,11 +242,10 @@ class ZooPFL(FederatedMethod):
             if len(data)
         ]
         out.update(personal_summary(per_client))
-        seconds = self.client_seconds
         out.update(
-            client_seconds=seconds["total"],
-            client_blackbox_seconds=seconds["blackbox"],
-            client_remap_seconds=seconds["remap"],
+            client_seconds=self.clock.seconds,
+            client_blackbox_seconds=self.clock.blackbox_seconds,
+            client_remap_seconds=self.remap_seconds,
         )
         return out
 

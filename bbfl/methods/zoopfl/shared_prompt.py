@@ -13,7 +13,7 @@ import torch
 
 from bbfl.blackbox import Encoded, LocalBlackBox
 from bbfl.methods.zoopfl.config import ZooPFLConfig
-from bbfl.methods.zoopfl.method import fit_remap, personal_summary
+from bbfl.methods.zoopfl.method import _accuracy, fit_remap, personal_summary
 
 Remap = tuple[np.ndarray, np.ndarray]  # (weight [C, C], bias [C]) of one client
 
@@ -46,7 +46,7 @@ def personal_accuracy_of_prompt(
         if remaps is not None:
             weight, bias = remaps[c]
             scores = scores @ torch.from_numpy(weight).T + torch.from_numpy(bias)
-        acc = float((scores.argmax(-1) == data.labels.cpu()).float().mean())
+        acc = _accuracy(scores, data.labels)
         per_client.append((acc, len(data)))
         accuracies.append(acc)
     return {**personal_summary(per_client), "client_accuracies": accuracies}
