@@ -175,7 +175,7 @@ class LocalBlackBox:
         elif self.head == "mlm":
             texts = task.format(split, self.tokenizer.mask_token)
         else:  # causal: the prompt ends where the label word would follow
-            texts = [t.split("\0")[0].rstrip() for t in task.format(split, "\0")]
+            texts = task.format_before_mask(split)
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         if self.head == "mlm":
             enc = [_keep_mask_in_view(ids, self.tokenizer.mask_token_id, t) for ids, t in zip(enc, texts)]

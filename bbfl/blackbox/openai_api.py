@@ -242,7 +242,7 @@ class OpenAIBlackBox:
         if self.scoring == "chat":
             texts = task.format(split, self.mask_text)
         elif self.scoring == "completions":
-            texts = [t.split("\0")[0].rstrip() for t in task.format(split, "\0")]  # as the local causal head
+            texts = task.format_before_mask(split)  # as the local causal head reads it
         else:
             texts = task.format_for_encoder(split)
         labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)

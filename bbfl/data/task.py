@@ -61,6 +61,10 @@ class Task:
     def format(self, split: Split, mask_token: str) -> list[str]:
         return [self._fill(self.template, split, i, mask_token) for i in range(len(split))]
 
+    def format_before_mask(self, split: Split) -> list[str]:
+        """The template filled and cut at ``{mask}``: the context a causal LM continues with the label word."""
+        return [t.split("\0")[0].rstrip() for t in self.format(split, "\0")]
+
     def format_for_encoder(self, split: Split) -> list[str]:
         return [self._fill(self.encoder_template, split, i, "") for i in range(len(split))]
 
