@@ -325,7 +325,7 @@ def fedone(
 ) -> None:
     """FedOne: federated BDPL; one active client per round, the server averages prompt distributions (ICML 2025)."""
     from bbfl.federation.engine import EngineConfig, run_federation
-    from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, fedone_plan
+    from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, fedone_plan, fedone_round_queries
     from bbfl.methods.losses import accuracy
     from bbfl.pipeline import FederatedDataConfig, prepare_federated_data
     from bbfl.report import RunDir, summary_table
@@ -371,7 +371,7 @@ def fedone(
             )
             # zero-shot + round 0's evaluation, then per round: the active clients' steps + one evaluation
             plan = fedone_plan(cfg, rounds, clients_per_round)  # also checked when Flower builds the run
-            per_round = (plan - 2) // rounds
+            per_round = fedone_round_queries(cfg, clients_per_round)
             if budget is not None and plan > budget:
                 raise ConfigError(
                     f"this run needs {plan} API queries ({rounds} rounds x {per_round}, evaluations included) > "
@@ -391,7 +391,7 @@ def fedone(
             done_rounds = _checkpoint_round(run.path)
             previous = logged[-1].get("api", {}) if logged else {}
             zero_logged = any(r.get("phase") == "zero-shot" for r in run.metrics())
-            per_round = engine_cfg.clients_per_round * cfg.local_steps * cfg.samples + 1
+            per_round = fedone_round_queries(cfg, engine_cfg.clients_per_round)
             spent = int(zero_logged) + (1 + done_rounds * per_round if done_rounds else 0)
             previous = {**previous, "queries": spent}  # the plan's count: exact (no drop-outs in FedOne runs)
             budget = budget - spent

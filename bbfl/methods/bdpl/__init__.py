@@ -7,6 +7,7 @@ from bbfl.methods.bdpl.method import (
     PromptPolicy,
     candidate_vocab,
     fedone_plan,
+    fedone_round_queries,
     project_simplex,
     run_bdpl,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "PromptPolicy",
     "candidate_vocab",
     "fedone_plan",
+    "fedone_round_queries",
     "project_simplex",
     "run_bdpl",
 ]

@@ -180,10 +180,15 @@ def run_bdpl(
     return BDPLResult(prompt_text(best["indices"], vocab), best["indices"], best["acc"], queries, policy.probs, history)
 
 
+def fedone_round_queries(config: BDPLConfig, clients_per_round: int) -> int:
+    """API queries of one FedOne round: each active client's steps, then one evaluation of the global prompt."""
+    return clients_per_round * config.local_steps * config.samples + 1
+
+
 def fedone_plan(config: BDPLConfig, rounds: int, clients_per_round: int) -> int:
-    """API queries a FedOne run makes at most: zero-shot and round 0's evaluation, then per round each active
-    client's steps and one evaluation of the global prompt (no drop-outs)."""
-    return 2 + rounds * (clients_per_round * config.local_steps * config.samples + 1)
+    """API queries a FedOne run makes at most: zero-shot and round 0's evaluation, then ``rounds`` rounds
+    (no drop-outs)."""
+    return 2 + rounds * fedone_round_queries(config, clients_per_round)
 
 
 class FedOne(FederatedMethod):
