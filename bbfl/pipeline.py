@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -343,6 +344,16 @@ def _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test):
         fed_cfg.intrinsic_dim, p0, blackbox.embedding_std, fed_cfg.alpha, fed_cfg.sigma0, seed=fed_cfg.seed
     )
     per_round = engine_cfg.clients_per_round or len(clients)
+    sizes = [len(c) for c in clients]
+    if fed_cfg.aggregation == "fedbpt" and max(sizes) >= 4 * max(1, min(sizes)):
+        # measured in the README (FedBPT results): the server's rank weights go to the clients with the
+        # lowest loss on their *own* data, i.e. the smallest, overfitted ones, under Dirichlet splits
+        logging.getLogger("bbfl.federation").warning(
+            "client sizes range from %d to %d examples: FedBPT's server ranks clients by the loss on their own "
+            "data, so the smallest clients lead its update; --aggregation fedavg weights clients by examples",
+            min(sizes),
+            max(sizes),
+        )
     return FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
 
 

@@ -181,3 +181,17 @@ def load_z(run) -> np.ndarray:
 
     arrays, _ = load_arrays(run.path / "prompt.safetensors")
     return arrays["z"]
+
+
+def test_skewed_client_sizes_warn_about_fedbpts_rank_weights(tmp_path, caplog):
+    """The server ranks clients by their own-data loss; with sizes 1..11 the user is told to consider fedavg."""
+    skewed = _data(partition="dirichlet", alpha=0.05)  # seed 0: client sizes [11, 1, 11, 1]
+    one_round = EngineConfig(rounds=1, seed=0)
+    with caplog.at_level("WARNING", logger="bbfl.federation"):
+        _run(tmp_path, "rank", engine=one_round, data=skewed, fed=FedBPTConfig(**SMALL, seed=0))
+    assert "from 1 to 11 examples" in caplog.text and "--aggregation fedavg" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bbfl.federation"):
+        _run(tmp_path, "avg", engine=one_round, data=skewed, fed=FedBPTConfig(**SMALL, seed=0, aggregation="fedavg"))
+        _run(tmp_path, "iid", engine=one_round, fed=FedBPTConfig(**SMALL, seed=0))
+    assert "--aggregation fedavg" not in caplog.text

@@ -49,7 +49,9 @@ def fedbpt(
     perturb_rate: float = typer.Option(0.0, help="> 0: fitness = loss / loss on token-perturbed data (paper: 0.5)."),
     aggregation: str = typer.Option(
         "fedbpt",
-        help="fedbpt (server CMA-ES), fedavg (mean of client means), or robust: median, trimmed, krum.",
+        help="fedbpt (paper: server CMA-ES ranks the client means by each client's own loss), fedavg "
+        "(example-weighted mean of client means; better on non-IID splits, see README), or robust: median, "
+        "trimmed, krum.",
     ),
     trim: float = typer.Option(0.2, help="Share of client values trimmed per side for --aggregation trimmed."),
     num_malicious: int = typer.Option(0, help="Poisoned clients Krum should tolerate (--aggregation krum)."),
