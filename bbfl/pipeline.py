@@ -303,6 +303,7 @@ def run_fedbpt_experiment(
             "client_sizes": [len(s) for s in client_splits],
         }
         run = RunDir.create(out_root, f"fedbpt-{task.name}", config)
+        _warn_if_rank_weights_favour_small_clients(fed_cfg.aggregation, config["client_sizes"])
     method = _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test)
     projection, p0 = method.projection, method.projection.p0
     records = _federate(run, method, engine_cfg, on_round, stop_after)
@@ -334,6 +335,19 @@ def run_fedbpt_experiment(
     return run, records
 
 
+def _warn_if_rank_weights_favour_small_clients(aggregation: str, sizes: list[int]) -> None:
+    """Once, when a run starts (not on resume, not in every Flower process that rebuilds the method)."""
+    if aggregation == "fedbpt" and max(sizes) >= 4 * max(1, min(sizes)):
+        # measured in the README (FedBPT results): the server's rank weights go to the clients with the
+        # lowest loss on their *own* data, i.e. the smallest, overfitted ones, under Dirichlet splits
+        logging.getLogger("bbfl.federation").warning(
+            "client sizes range from %d to %d examples: FedBPT's server ranks clients by the loss on their own "
+            "data, so the smallest clients lead its update; --aggregation fedavg weights clients by examples",
+            min(sizes),
+            max(sizes),
+        )
+
+
 def _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test):
     from bbfl.methods.fedbpt import FedBPT
 
@@ -344,16 +358,6 @@ def _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test):
         fed_cfg.intrinsic_dim, p0, blackbox.embedding_std, fed_cfg.alpha, fed_cfg.sigma0, seed=fed_cfg.seed
     )
     per_round = engine_cfg.clients_per_round or len(clients)
-    sizes = [len(c) for c in clients]
-    if fed_cfg.aggregation == "fedbpt" and max(sizes) >= 4 * max(1, min(sizes)):
-        # measured in the README (FedBPT results): the server's rank weights go to the clients with the
-        # lowest loss on their *own* data, i.e. the smallest, overfitted ones, under Dirichlet splits
-        logging.getLogger("bbfl.federation").warning(
-            "client sizes range from %d to %d examples: FedBPT's server ranks clients by the loss on their own "
-            "data, so the smallest clients lead its update; --aggregation fedavg weights clients by examples",
-            min(sizes),
-            max(sizes),
-        )
     return FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
 
 

@@ -85,15 +85,13 @@ def server_ranking(run_dir: Path) -> dict:
     1 / clients); ``smallest_ranked_first``: the share of rounds in which the smallest client ranked first.
     """
     arrays = load_arrays(run_dir / "server_state.safetensors")[0]
-    rounds = sorted({int(k.split(".")[0][1:]) for k in arrays if k.endswith(".fitnesses")})
     shares, smallest = [], []
-    for i in rounds:
-        sizes, fitnesses = arrays[f"r{i}.weights"], arrays[f"r{i}.fitnesses"]
-        first = int(np.argmin(fitnesses))
+    for key in (k for k in arrays if k.endswith(".fitnesses")):  # r{round}.fitnesses, see FedBPT.state()
+        sizes, first = arrays[key.replace(".fitnesses", ".weights")], int(np.argmin(arrays[key]))
         shares.append(float(sizes[first] / sizes.sum()))
         if sizes.min() < sizes.max():  # equal sizes (IID): "the smallest" means nothing
             smallest.append(bool(sizes[first] == sizes.min()))
-    out = {"first_ranked_data_share": float(np.mean(shares))} if rounds else {}
+    out = {"first_ranked_data_share": float(np.mean(shares))} if shares else {}
     if smallest:
         out["smallest_ranked_first"] = float(np.mean(smallest))
     return out
