@@ -270,6 +270,40 @@ def test_huge_but_finite_embeddings_give_finite_scores(scripted):
     assert torch.isfinite(scores).all() and scores.abs().max() <= 20.0 + 1e-4  # scale * cosine
 
 
+def test_embeddings_of_another_size_than_the_labels_are_refused(scripted):
+    sizes = iter([8, 4])  # the label descriptions' request, then the texts'
+
+    def shrinking(route: str, request: dict) -> Reply:
+        size = next(sizes)
+        return (
+            200,
+            {},
+            json.dumps(
+                {"data": [{"index": i, "embedding": [0.5] * size} for i in range(len(request["input"]))]}
+            ).encode(),
+        )
+
+    script = Script()
+    script.responder = shrinking
+    with pytest.raises(MalformedResponse, match="4-d embeddings for the texts but 8-d ones for the label"):
+        box(scripted(script), scoring="embeddings").logits(None, batch())
+
+
+def test_finite_log_probabilities_that_sum_past_float_range_are_refused(scripted):
+    def tiny(route: str, request: dict) -> Reply:
+        body = echo_body(request)
+        for choice in body["choices"]:
+            choice["logprobs"]["token_logprobs"] = [None] + [-1e308] * (len(choice["logprobs"]["text_offset"]) - 1)
+        return 200, {}, json.dumps(body).encode()
+
+    script = Script()
+    script.responder = tiny
+    data = batch()
+    data.label_words = ["not great at all", "bad"]  # four tokens of -1e308: the sum is -inf
+    with pytest.raises(EndpointError, match="non-finite class scores"):
+        box(scripted(script), scoring="completions").logits(None, data)
+
+
 # ---------------------------------------------------------------------- statuses and retries
 def test_403_is_an_endpoint_error_and_not_retried(scripted):
     script = Script().then(403, '{"error": {"message": "project lacks access to model scripted"}}')

@@ -322,6 +322,8 @@ class OpenAIBlackBox:
         rows = self._per_text("embeddings", texts, self.embed_batch, self._embeddings_request, self._embedding_rows)
         if len({len(row["embedding"]) for row in rows}) > 1:
             raise MalformedResponse(f"{self._where} gave embeddings of different sizes for one batch of texts")
+        if not rows:
+            return torch.zeros(0, 0)
         out = torch.tensor([row["embedding"] for row in rows], dtype=torch.float64)
         # scaled by the largest entry first: any finite vector normalises without overflow (1e200 squared does)
         out = out / out.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
@@ -369,7 +371,13 @@ class OpenAIBlackBox:
         key = tuple(descriptions)
         if key not in self._label_cache:
             self._label_cache[key] = self.embed(descriptions)
-        return self.similarity_scale * self.embed(inputs) @ self._label_cache[key].T
+        texts, labels = self.embed(inputs), self._label_cache[key]
+        if texts.shape[-1] != labels.shape[-1]:
+            raise MalformedResponse(
+                f"{self._where} gave {texts.shape[-1]}-d embeddings for the texts but {labels.shape[-1]}-d ones for "
+                "the label descriptions"
+            )
+        return self.similarity_scale * texts @ labels.T
 
     def _chat_scores(self, inputs: list[str], label_words: list[str]) -> torch.Tensor:
         requests = [self._chat_request(text + self.instruction, self.top_logprobs) for text in inputs]
