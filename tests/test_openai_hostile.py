@@ -27,6 +27,7 @@ import torch
 from bbfl.blackbox.openai.retry import should_retry
 from bbfl.blackbox.openai_api import EndpointError, MalformedResponse, OpenAIBlackBox, TextBatch, UnsupportedEndpoint
 from bbfl.exceptions import BBFLError, ConfigError
+from tests.test_openai_blackbox import chat_reply
 
 API_KEY = "sk-hostile-test-3f9a71c2e8"
 LOGGER = "bbfl.blackbox.openai"
@@ -36,23 +37,7 @@ Responder = Callable[[str, dict], Reply]  # (route, request JSON) -> reply
 
 # ---------------------------------------------------------------------- valid answers, built from the request
 def chat_body(request: dict) -> dict:
-    top = [(" great", -0.2), (" bad", -2.0), (" fine", -3.5)][: request.get("top_logprobs") or 1]
-    entries = [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]
-    return {
-        "id": "x",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "scripted",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": top[0][0]},
-                "logprobs": {"content": [{**entries[0], "top_logprobs": entries}]},
-                "finish_reason": "length",
-            }
-        ],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8},
-    }
+    return chat_reply([(" great", -0.2), (" bad", -2.0), (" fine", -3.5)][: request.get("top_logprobs") or 1])
 
 
 def echo_body(request: dict) -> dict:
