@@ -22,3 +22,7 @@ class BudgetExceeded(BBFLError, RuntimeError):
 
 class CheckpointError(BBFLError, RuntimeError):
     """A checkpoint does not match the run it is asked to resume."""
+
+
+class EndpointError(BBFLError, RuntimeError):
+    """A remote model endpoint kept failing (after retries) or answered something unusable (names what)."""

@@ -668,6 +668,7 @@ def openai_blackbox_from_record(saved: dict) -> OpenAIBlackBox:
         saved["model"],
         base_url=saved["base_url"],
         scoring=saved["scoring"],  # resolved when the run started: no probing here
+        verify=False,
         budget=saved["budget"],
         top_logprobs=saved["top_logprobs"],
         label_floor=saved["label_floor"],

@@ -142,7 +142,10 @@ def scripted():
 
 
 def scripted_box(url: str, **kwargs) -> OpenAIBlackBox:
-    return OpenAIBlackBox("scripted", base_url=url, api_key=API_KEY, scoring="chat", backoff=0.05, **kwargs)
+    # verify=False: every request of a plan is the scoring's (test_openai_hostile checks the build-time probe)
+    return OpenAIBlackBox(
+        "scripted", base_url=url, api_key=API_KEY, scoring="chat", backoff=0.05, verify=False, **kwargs
+    )
 
 
 def test_429_waits_retry_after_then_scores(scripted, demo):

@@ -116,7 +116,9 @@ def test_echo_refuses_what_it_cannot_do_with_clear_4xx(servers):
 def test_completions_scoring_gives_label_word_log_likelihoods(servers, causal, demo):
     model, tok = causal
     task, dev = demo
-    bb = OpenAIBlackBox("tiny", base_url=servers["gpt2"], api_key=TOKEN, scoring="completions", echo_batch=4)
+    bb = OpenAIBlackBox(
+        "tiny", base_url=servers["gpt2"], api_key=TOKEN, scoring="completions", echo_batch=4, verify=False
+    )
     data = bb.encode(task, dev.head(3))
     assert data.texts[0].endswith("It was")  # the template cut at {mask}: the label word comes next
     data.label_words = ["bad", "great", "not bad at all"]  # a multi-token word: its tokens' log-probs are summed
@@ -126,14 +128,16 @@ def test_completions_scoring_gives_label_word_log_likelihoods(servers, causal, d
     want = [[[label_loglik(model, tok, p + t, w) for w in data.label_words] for t in data.texts] for p in prompts]
     torch.testing.assert_close(scores, torch.tensor(want), atol=1e-4, rtol=0)
     assert scores[..., 2].max() < scores[..., :2].min()  # four random-model tokens are far less likely than one
-    assert bb.cost()["requests"] == 5  # 18 texts, 4 per request; scoring given: no capability probe
+    assert bb.cost()["requests"] == 5  # 18 texts, 4 per request; verify=False: no build-time probe
     assert bb.counter.stats.queries == 2 and bb.counter.stats.tokens == bb.cost()["prompt_tokens"] > 0
 
 
 def test_completions_budget_is_never_exceeded_and_cache_is_per_text(servers, demo):
     task, dev = demo
     base = servers["gpt2"]
-    bb = OpenAIBlackBox("tiny", base_url=base, api_key=TOKEN, scoring="completions", budget=3, echo_batch=32)
+    bb = OpenAIBlackBox(
+        "tiny", base_url=base, api_key=TOKEN, scoring="completions", budget=3, echo_batch=32, verify=False
+    )
     data = bb.encode(task, dev.head(4))
     first = bb.logits(["Review: ", "Opinion: "], data)
     sent = bb.cost()["requests"]
@@ -148,7 +152,7 @@ def test_completions_budget_is_never_exceeded_and_cache_is_per_text(servers, dem
     assert httpx.get(health).json()["requests"] == before and bb.counter.stats.queries == 3
     assert bb.counter.stats.queries <= bb.counter.budget
     # a template with nothing before {mask} and no prompt: a clear error, before the budget is touched
-    free = OpenAIBlackBox("tiny", base_url=base, api_key=TOKEN, scoring="completions", budget=1)
+    free = OpenAIBlackBox("tiny", base_url=base, api_key=TOKEN, scoring="completions", budget=1, verify=False)
     agnews = dataclasses.replace(task, template="{mask} News: {text}")  # agnews' shape: the label word first
     with pytest.raises(ConfigError, match="no text before the label word"):
         free.logits(None, free.encode(agnews, dev.head(1)))
@@ -175,7 +179,9 @@ def test_capabilities_and_auto_order(servers, demo):
     # a server that ignores echo answers one generated token after the prompt: refused, never summed as a label
     with chatless_proxy(servers["gpt2"], drop_echo=True) as proxied:
         assert OpenAIBlackBox("tiny", base_url=proxied, api_key=TOKEN).scoring == "embeddings"
-        deaf = OpenAIBlackBox("tiny", base_url=proxied, api_key=TOKEN, scoring="completions")
+        with pytest.raises(ConfigError, match="without echoing the prompt"):  # refused when built
+            OpenAIBlackBox("tiny", base_url=proxied, api_key=TOKEN, scoring="completions")
+        deaf = OpenAIBlackBox("tiny", base_url=proxied, api_key=TOKEN, scoring="completions", verify=False)
         with pytest.raises(ConfigError, match="without echoing the prompt"):
             deaf.logits(None, deaf.encode(task, dev.head(1)))
 

@@ -254,7 +254,7 @@ def test_openai_blackbox_reads_label_words_from_top_logprobs(served, demo):
     fedone = OpenAIBlackBox("tiny", base_url=f"{url}/v1", api_key=TOKEN, scoring="chat", top_logprobs=5)
     assert fedone.label_floor == LABEL_FLOOR == 0.01  # FedOne's floor by default
     torch.testing.assert_close(fedone.logits(None, data), torch.full((1, 2, 3), math.log(0.01)))
-    assert fedone.cost()["requests"] == 2  # one chat request per example; no capability probe when chat is asked
+    assert fedone.cost()["requests"] == 3  # the build-time probe of scoring="chat", then one request per example
 
 
 def test_bbt_cli_against_served_model_writes_no_secret(served, tmp_path, monkeypatch):

