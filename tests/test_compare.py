@@ -62,7 +62,7 @@ def test_groups_seeds_and_reports_what_the_runs_recorded(runs, tmp_path):
     for name in ("accuracy_vs_queries", "accuracy_vs_bytes"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = written["html"].read_text()
-    assert page.count("data:image/png;base64,") == 2 and "src=\"http" not in page  # self-contained
+    assert page.count("data:image/png;base64,") == 2 and 'src="http' not in page  # self-contained
     assert f"{100 * two_seeds['accuracy_mean']:.2f}" in page
 
 
