@@ -4,7 +4,7 @@ Every federated method (FedBPT, ZooPFL, FwdLLM, FedKSeed, FedOne) is built small
 (tiny random BERT) and its honest client update passes its own header spec; every field of that
 header is then broken (missing, NaN, a string, 1e300, out of range, ...) and must be an
 ``InvalidUpdate`` with a message. A seeded random mutation run does the same at volume
-(``BBFL_FUZZ_EXAMPLES`` headers per method, 300 by default).
+(``BBFL_FUZZ_EXAMPLES`` headers per method, 3,000 by default).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bbfl.federation.headers import Field, validate_header
 from bbfl.federation.wire import InvalidUpdate
 from bbfl.io import load_arrays
 
-FUZZ_EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "300"))
+FUZZ_EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "3000"))
 
 
 class _KeywordBox:

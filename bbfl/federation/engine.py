@@ -137,13 +137,17 @@ def run_federation(
     if ckpt.is_file():
         arrays, meta = load_arrays(ckpt)
         info, method_header = _checkpoint_headers(ckpt, meta)
+        _refuse_non_finite(arrays, method_header, f"{ckpt} holds")  # garbled bytes must not become a state
         if info["num_clients"] != method.num_clients:
             raise CheckpointError(f"{ckpt} was written for {info['num_clients']} clients, not {method.num_clients}")
         if "server_secret" in info:
             method.server_secret = int(info["server_secret"], 16)
         else:
             log.warning("%s predates the server secret: DP noise of its replayed rounds will differ", ckpt)
-        method.load_state(arrays, method_header)
+        try:
+            method.load_state(arrays, method_header)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a garbled method header
+            raise CheckpointError(f"{ckpt} does not hold this method's state ({type(exc).__name__}: {exc})") from exc
         _load_client_states(method, run_dir, info["round"])
         start, records = info["round"] + 1, info["records"]
         log.info("resuming at round %d from %s", start, ckpt)
@@ -159,7 +163,7 @@ def run_federation(
         ran = sorted(set(record["sampled"]) - set(record["dropped"]))
         _save_client_states(method, run_dir, round_, ran)
         arrays, header = method.state()
-        _refuse_non_finite(arrays, header, round_)
+        _refuse_non_finite(arrays, header, f"round {round_} left")
         engine_meta = {"round": round_, "records": records, "num_clients": method.num_clients}
         engine_meta["server_secret"] = format(method.server_secret, "x")
         save_arrays(ckpt, arrays, {"engine": json.dumps(engine_meta), "method": json.dumps(header)})
@@ -186,16 +190,16 @@ def _checkpoint_headers(ckpt: Path, meta: dict[str, str]) -> tuple[dict, dict]:
     return info, method_header
 
 
-def _refuse_non_finite(arrays: Arrays, header: dict, round_: int) -> None:
-    """Never checkpoint NaN/Inf: a poisoned state would be replayed by every resume."""
+def _refuse_non_finite(arrays: Arrays, header: dict, what: str) -> None:
+    """Never checkpoint or load NaN/Inf: a poisoned state would be replayed by every resume."""
     for name, value in arrays.items():
         value = np.asarray(value)
         if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-            raise CheckpointError(f"round {round_} left NaN or Inf in the server state ({name!r}); not checkpointed")
+            raise CheckpointError(f"{what} NaN or Inf in the server state (array {name!r})")
     try:
         json.dumps(header, allow_nan=False)
     except ValueError as exc:
-        raise CheckpointError(f"round {round_} left NaN or Inf in the server state's header; not checkpointed") from exc
+        raise CheckpointError(f"{what} NaN or Inf in the server state's header") from exc
 
 
 # Private client states live in clients/<client>.r<round>.safetensors. A round's files are written

@@ -31,7 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from bbfl.exceptions import ConfigError
 from bbfl.federation.engine import ClientReply, EngineConfig, round_seed, run_federation
-from bbfl.federation.wire import MAX_HEADER_BYTES, MAX_TENSORS, WIRE_DTYPES, InvalidUpdate
+from bbfl.federation.wire import MAX_HEADER_BYTES, MAX_TENSORS, WIRE_DTYPES, InvalidUpdate, parse_header_json
 from bbfl.methods.base import Arrays, FederatedMethod
 
 APP_DIR = Path(__file__).with_name("flower_app")  # the Flower App (pyproject.toml) `flwr run` ships
@@ -109,9 +109,9 @@ def _meta_value(meta: ConfigRecord, key: str, kind):
 
 def _json_object(text: str) -> dict:
     try:
-        header = json.loads(text)
+        header = parse_header_json(text)
     except (ValueError, RecursionError) as exc:
-        raise InvalidUpdate(f"reply header is not JSON ({type(exc).__name__})") from exc
+        raise InvalidUpdate(f"reply header is not strict JSON ({type(exc).__name__}: {str(exc)[:80]})") from exc
     if not isinstance(header, dict):
         raise InvalidUpdate(f"reply header should be a JSON object, got {type(header).__name__}")
     return header

@@ -14,6 +14,7 @@ checks shapes, finiteness and norms before an update may touch the global state.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,12 +76,29 @@ def decode_message(
         raise InvalidUpdate(f"message metadata should be a JSON object, got {type(metadata).__name__}")
     try:
         arrays = load(bytes(blob))
-        header = json.loads(metadata.get(HEADER_KEY, "{}"))
+        header = parse_header_json(metadata.get(HEADER_KEY, "{}"))
     except Exception as exc:  # safetensors raises several types for corrupt input; json a RecursionError
         raise InvalidUpdate(f"undecodable message ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(header, dict):
         raise InvalidUpdate(f"message header should be a JSON object, got {type(header).__name__}")
     return {k: v.astype(np.float32) for k, v in arrays.items()}, header
+
+
+def parse_header_json(text: str | bytes) -> Any:
+    """Strict JSON: ``NaN``/``Infinity`` (which Python's json accepts) and overflowing numbers such as
+    ``1e999`` are refused, so no non-finite value reaches a state."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in a header")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} overflows a float")
+    return value
 
 
 def _read_table(blob: bytes, max_bytes: int, max_header_bytes: int) -> dict[str, Any]:
@@ -102,10 +120,9 @@ def _read_table(blob: bytes, max_bytes: int, max_header_bytes: int) -> dict[str,
         raise InvalidUpdate(f"undecodable message: header is not JSON ({type(exc).__name__})") from exc
     if not isinstance(table, dict):
         raise InvalidUpdate(f"undecodable message: header should be a JSON object, got {type(table).__name__}")
-    if len(table) > MAX_TENSORS + 1:
-        raise InvalidUpdate(
-            f"undecodable message: declares {len(table) - 1:,} arrays, more than the limit of {MAX_TENSORS:,}"
-        )
+    tensors = len(table) - ("__metadata__" in table)
+    if tensors > MAX_TENSORS:
+        raise InvalidUpdate(f"undecodable message: declares {tensors:,} arrays, more than the limit of {MAX_TENSORS:,}")
     return table
 
 
@@ -125,6 +142,6 @@ def validate_update(
             raise InvalidUpdate(f"{name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
         if not np.all(np.isfinite(value)):
             raise InvalidUpdate(f"{name!r} contains NaN or Inf")
-        norm = float(np.linalg.norm(value))
+        norm = float(np.linalg.norm(value.astype(np.float64)))  # float32 squares overflow
         if max_norm is not None and norm > max_norm:
             raise InvalidUpdate(f"{name!r} has norm {norm:.3g} > limit {max_norm:.3g}")
