@@ -16,12 +16,12 @@ import resource
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.federation.flower import UNKNOWN_SENDER, FlowerRunner, _from_record, _to_record, parse_reply
+from tests.fedone_keyword import small_fedone
 
 FUZZ_EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "3000"))
 SHAPES = {"probs": (2, 4)}
@@ -34,33 +34,6 @@ def server_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-class _KeywordBox:
-    """FedOne's black box is a text API; this one scores a prompt by whether it holds "magic"."""
-
-    def __init__(self) -> None:
-        from bbfl.blackbox import QueryCounter
-
-        self.counter = QueryCounter()
-
-    def logits(self, prompts: list[str], data) -> torch.Tensor:
-        with self.counter.charge(queries=len(prompts), examples=len(prompts) * len(data), tokens=0):
-            onehot = torch.nn.functional.one_hot(data.labels, 2).float()
-            return torch.stack([2.0 * onehot * ("magic" in p.split()) for p in prompts])
-
-
-def _fedone():
-    from bbfl.blackbox.openai_api import TextBatch
-    from bbfl.methods.bdpl import BDPLConfig, FedOne
-
-    def text(n: int, offset: int) -> TextBatch:
-        labels = torch.tensor([(i + offset) % 2 for i in range(n)])
-        return TextBatch([f"example {i}" for i in range(n)], labels, ["bad", "good"], ["bad.", "good."])
-
-    vocab = ["alpha", "beta", "magic", "omega"]
-    cfg = BDPLConfig(prompt_length=2, num_candidates=len(vocab), samples=4, lr=0.1, local_steps=2, seed=0)
-    return FedOne(cfg, _KeywordBox(), [text(4, i) for i in range(4)], text(6, 0), vocab, "ce")
 
 
 def _npy(array: np.ndarray, header: dict | None = None) -> bytes:
@@ -188,7 +161,7 @@ def test_an_honest_reply_parses_to_the_sent_arrays():
 
 def test_a_round_with_hostile_replies_goes_on(tmp_path):
     """Four partitions: two answer honestly, two with broken replies; every round aggregates the honest two."""
-    method = _fedone()
+    method = small_fedone(num_clients=4)
     grid = StandInGrid(method, {1: HOSTILE["2^40 elements"], 3: HOSTILE["header not JSON"]})
     runner = FlowerRunner(grid, {i: 100 + i for i in range(4)})
     records = run_federation(method, EngineConfig(rounds=2, seed=0), tmp_path, runner=runner)

@@ -31,6 +31,7 @@ from bbfl.federation.wire import (
     validate_update,
 )
 from bbfl.io import load_arrays, load_json
+from tests.fedone_keyword import small_fedone
 
 FUZZ_EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "20000"))
 SHAPES = {"mean": (16,), "scalars": (4,)}
@@ -98,7 +99,7 @@ def test_fuzz_wire_decoding_and_array_validation(capsys):
         slowest = max(slowest, time.perf_counter() - began)
     with capsys.disabled():
         print(f"\nwire fuzz: {FUZZ_EXAMPLES} inputs, {rejected} rejected, {accepted} accepted, 0 crashes")
-    assert rejected > FUZZ_EXAMPLES // 2 and slowest < 2.0
+    assert rejected > FUZZ_EXAMPLES // 2 and slowest < 10.0  # no hang (~0.1 ms each; a loaded machine)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.float64, np.uint8])
@@ -108,18 +109,19 @@ def test_non_float_arrays_are_refused_not_cast(dtype):
         decode_message(blob)
 
 
-def test_limits_are_checked_before_the_big_part_is_parsed():
+def test_limits_are_checked_before_the_big_part_is_parsed(monkeypatch):
+    import safetensors.numpy
+
+    def never(blob):  # the limits must refuse these before safetensors parses anything
+        pytest.fail("safetensors reached past a limit")
+
+    monkeypatch.setattr(safetensors.numpy, "load", never)
     header = json.dumps(
         {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(5000)}
     )
     many = struct.pack("<Q", len(header)) + header.encode() + bytes(4 * 5000)
-    decode_message(_honest_blob())  # imports done: time only the refusal (measured ~0.03 s, noisy machine)
-    began = time.perf_counter()
-    try:  # not pytest.raises, whose bookkeeping alone takes ~0.15 s here
+    with pytest.raises(InvalidUpdate, match=f"5,000 arrays, more than the limit of {MAX_TENSORS:,}"):
         decode_message(many)
-    except InvalidUpdate as exc:
-        assert f"5,000 arrays, more than the limit of {MAX_TENSORS:,}" in exc.reason
-    assert time.perf_counter() - began < 2.0  # ~0.03 s alone; generous for a loaded 2-core CI
     huge_header = struct.pack("<Q", 20 * 2**20) + b"{" + b" " * 100
     with pytest.raises(InvalidUpdate, match="header of 20,971,520 bytes exceeds"):
         decode_message(huge_header)  # declared, not sent: refused from the first 8 bytes
@@ -130,38 +132,11 @@ def test_limits_are_checked_before_the_big_part_is_parsed():
 # ---------------------------------------------------------------- run directories
 
 
-class _KeywordBox:
-    """FedOne's black box is a text API; this one scores a prompt by whether it holds "magic"."""
-
-    def __init__(self) -> None:
-        from bbfl.blackbox import QueryCounter
-
-        self.counter = QueryCounter()
-
-    def logits(self, prompts: list[str], data) -> torch.Tensor:
-        with self.counter.charge(queries=len(prompts), examples=len(prompts) * len(data), tokens=0):
-            onehot = torch.nn.functional.one_hot(data.labels, 2).float()
-            return torch.stack([2.0 * onehot * ("magic" in p.split()) for p in prompts])
-
-
-def _fedone():
-    from bbfl.blackbox.openai_api import TextBatch
-    from bbfl.methods.bdpl import BDPLConfig, FedOne
-
-    def text(n: int, offset: int) -> TextBatch:
-        labels = torch.tensor([(i + offset) % 2 for i in range(n)])
-        return TextBatch([f"example {i}" for i in range(n)], labels, ["bad", "good"], ["bad.", "good."])
-
-    vocab = ["alpha", "beta", "magic", "omega"]
-    cfg = BDPLConfig(prompt_length=2, num_candidates=len(vocab), samples=4, lr=0.1, local_steps=1, seed=0)
-    return FedOne(cfg, _KeywordBox(), [text(4, i) for i in range(2)], text(4, 0), vocab, "ce")
-
-
 def test_fuzz_run_directory_loading(tmp_path, capsys):
     """Truncated or garbled checkpoints and JSON files: a resume either works on a finite state or raises a
     CheckpointError naming the file."""
     engine = EngineConfig(rounds=1, seed=0)
-    run_federation(_fedone(), engine, tmp_path / "good")
+    run_federation(small_fedone(num_clients=2, local_steps=1), engine, tmp_path / "good")
     ckpt_bytes = (tmp_path / "good" / "server_state.safetensors").read_bytes()
     rounds_text = (tmp_path / "good" / "rounds.json").read_text()
     rng, n = random.Random("run-dir"), max(20, FUZZ_EXAMPLES // 40)
@@ -176,7 +151,7 @@ def test_fuzz_run_directory_loading(tmp_path, capsys):
         run_dir = tmp_path / f"r{i}"
         run_dir.mkdir()
         (run_dir / "server_state.safetensors").write_bytes(bytes(data))
-        method = _fedone()
+        method = small_fedone(num_clients=2, local_steps=1)
         try:
             run_federation(method, EngineConfig(rounds=2, seed=0), run_dir)
         except CheckpointError as exc:

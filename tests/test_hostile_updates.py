@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import load_task
@@ -28,22 +27,9 @@ from bbfl.federation.engine import EngineConfig, run_clients_in_process, run_fed
 from bbfl.federation.headers import Field, validate_header
 from bbfl.federation.wire import InvalidUpdate
 from bbfl.io import load_arrays
+from tests.fedone_keyword import small_fedone
 
 FUZZ_EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "3000"))
-
-
-class _KeywordBox:
-    """FedOne's black box is a text API; this one scores a prompt by whether it holds "magic"."""
-
-    def __init__(self) -> None:
-        from bbfl.blackbox import QueryCounter
-
-        self.counter = QueryCounter()
-
-    def logits(self, prompts: list[str], data) -> torch.Tensor:
-        with self.counter.charge(queries=len(prompts), examples=len(prompts) * len(data), tokens=0):
-            onehot = torch.nn.functional.one_hot(data.labels, 2).float()
-            return torch.stack([2.0 * onehot * ("magic" in p.split()) for p in prompts])
 
 
 def _fedbpt(tiny_models, **overrides):
@@ -63,16 +49,7 @@ def _build(name: str, tiny_models):
         return _fedbpt(tiny_models)
     task = load_task("demo")
     if name == "fedone":
-        from bbfl.blackbox.openai_api import TextBatch
-        from bbfl.methods.bdpl import BDPLConfig, FedOne
-
-        def text(n: int, offset: int) -> TextBatch:
-            labels = torch.tensor([(i + offset) % 2 for i in range(n)])
-            return TextBatch([f"example {i}" for i in range(n)], labels, ["bad", "good"], ["bad.", "good."])
-
-        vocab = ["alpha", "beta", "magic", "omega"]
-        cfg = BDPLConfig(prompt_length=2, num_candidates=len(vocab), samples=4, lr=0.1, local_steps=2, seed=0)
-        return FedOne(cfg, _KeywordBox(), [text(4, i) for i in range(3)], text(6, 0), vocab, "ce")
+        return small_fedone()
     bb = LocalBlackBox(str(tiny_models["bert"]), prompt_attention="full")
     clients = [bb.encode(task, task.train.subset(range(i, 24, 3))) for i in range(3)]
     test = bb.encode(task, task.test.head(8))
@@ -152,6 +129,11 @@ def test_examples_are_bounded_by_the_clients_known_size(honest):
     validate_header({**header, "examples": size}, method.header_spec(1))
     with pytest.raises(InvalidUpdate, match=f"examples.*<= {size}"):
         validate_header({**header, "examples": size + 1}, method.header_spec(1))
+    for examples in (-5, 0, 1e300, 2**70):
+        with pytest.raises(InvalidUpdate, match="examples"):
+            validate_header({**header, "examples": examples}, method.header_spec(1))
+    with pytest.raises(InvalidUpdate, match=r"sigmas.*\[0\]"):
+        validate_header({**header, "sigmas": [1e200, *header["sigmas"][1:]]}, method.header_spec(1))
     with pytest.raises(InvalidUpdate, match="local_mu"):
         validate_header({**header, "local_mu": 0}, method.header_spec(1))  # ZeroDivisionError at 98f65c7
 
@@ -214,13 +196,11 @@ def test_nan_sigma_and_absurd_examples_under_fedavg_are_rejected_and_the_run_fin
     tamper = {
         1: lambda h: {**h, "sigmas": [float("nan")] * len(h["sigmas"])},
         2: lambda h: {**h, "examples": 1e300},  # would hold all of FedAvg's weight
-        3: lambda h: {**h, "examples": -5},
-        4: lambda h: {k: v for k, v in h.items() if k != "fitness"},
-        5: lambda h: {**h, "sigmas": [1e200] * len(h["sigmas"])},
+        3: lambda h: {k: v for k, v in h.items() if k != "fitness"},
     }
-    records = run_federation(method, EngineConfig(rounds=5, seed=3), tmp_path, runner=_tampering_runner(tamper))
-    assert [r["round"] for r in records] == [0, 1, 2, 3, 4, 5]  # the run went on to the end
-    reasons = ["sigmas", "examples", "examples", "fitness", "sigmas"]
+    records = run_federation(method, EngineConfig(rounds=3, seed=3), tmp_path, runner=_tampering_runner(tamper))
+    assert [r["round"] for r in records] == [0, 1, 2, 3]  # the run went on to the end
+    reasons = ["sigmas", "examples", "fitness"]
     for record, reason in zip(records[1:], reasons):
         assert [r["client"] for r in record["rejected"]] == [0]
         assert reason in record["rejected"][0]["reason"]
@@ -280,11 +260,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_resume_of_a_truncated_run_directory_exits_2_with_one_line(tiny_models, tmp_path):
-    args = ["--model", str(tiny_models["bert"]), "--rounds", "1", "--clients", "2", "--k-shot", "4"]
-    args += ["--local-iter", "2", "--local-popsize", "4", "--intrinsic-dim", "10", "--prompt-length", "2"]
-    done = _cli(*args, "--test-limit", "8", "--out", str(tmp_path))
-    assert done.returncode == 0, done.stdout + done.stderr
-    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    from bbfl.methods.fedbpt import FedBPTConfig
+    from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_fedbpt_experiment
+
+    data = FederatedDataConfig(task="demo", k_shot=4, num_clients=2, test_limit=8)
+    fed = FedBPTConfig(intrinsic_dim=10, prompt_length=2, local_popsize=4, local_iter=2, seed=3)
+    bb = BlackBoxConfig(model=str(tiny_models["bert"]))
+    run, _ = run_fedbpt_experiment(data, fed, EngineConfig(rounds=2, seed=3), bb, tmp_path, stop_after=1)
+    run_dir = run.path
     for name in ("server_state.safetensors", "config.json"):
         path: Path = run_dir / name
         path.write_bytes(path.read_bytes()[:40])

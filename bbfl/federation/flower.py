@@ -74,8 +74,11 @@ def parse_reply(reply: Message, client_of: dict[int, int], shapes: dict[str, tup
         if reply.has_error():
             raise InvalidUpdate(f"client error: {reply.error.reason}")
         content = reply.content
-        up, meta = _record(content, "up", ArrayRecord), _record(content, "meta", ConfigRecord)
-        header_text, seconds = _meta_value(meta, "header", str), _meta_value(meta, "seconds", (int, float))
+        up, meta = _typed(content, "up", ArrayRecord, "reply"), _typed(content, "meta", ConfigRecord, "reply")
+        header_text, seconds = (
+            _typed(meta, "header", str, "reply meta"),
+            _typed(meta, "seconds", (int, float), "reply meta"),
+        )
         if len(header_text) > MAX_HEADER_BYTES:
             raise InvalidUpdate(f"reply header of {len(header_text):,} characters exceeds {MAX_HEADER_BYTES:,}")
         if isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
@@ -89,21 +92,13 @@ def parse_reply(reply: Message, client_of: dict[int, int], shapes: dict[str, tup
         return ClientReply(client, None, {}, 0.0, 0, f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})")
 
 
-def _record(content: RecordDict, key: str, kind: type):
-    if key not in content:
-        raise InvalidUpdate(f"reply lacks {key!r}; expected {kind.__name__} records 'up' and 'meta'")
-    record = content[key]
-    if not isinstance(record, kind):
-        raise InvalidUpdate(f"reply {key!r} is a {type(record).__name__}, expected {kind.__name__}")
-    return record
-
-
-def _meta_value(meta: ConfigRecord, key: str, kind):
-    if key not in meta:
-        raise InvalidUpdate(f"reply meta lacks {key!r}")
-    value = meta[key]
+def _typed(mapping, key: str, kind, where: str):
+    """``mapping[key]`` if present and of ``kind``; else InvalidUpdate naming ``where`` and ``key``."""
+    if key not in mapping:
+        raise InvalidUpdate(f"{where} lacks {key!r}")
+    value = mapping[key]
     if not isinstance(value, kind):
-        raise InvalidUpdate(f"reply meta {key!r} is a {type(value).__name__}")
+        raise InvalidUpdate(f"{where} {key!r} is a {type(value).__name__}, not the expected type")
     return value
 
 
