@@ -13,6 +13,7 @@ import json
 import os
 import random
 import resource
+import subprocess
 
 import numpy as np
 import pytest
@@ -205,3 +206,26 @@ def test_fuzz_flower_replies(capsys):
     with capsys.disabled():
         print(f"\nflower reply fuzz: {FUZZ_EXAMPLES} inputs, {rejected} rejected, 0 crashes")
     assert rejected > FUZZ_EXAMPLES // 2
+
+
+def test_local_federation_never_installs_at_runtime_and_a_failed_run_says_why(tmp_path, monkeypatch):
+    """Flower 1.41 runs `uv sync` per run unless told not to (no package index here); a failed run raises
+    with the SuperLink's error line instead of returning a status that prints an empty table."""
+    from bbfl.exceptions import BBFLError
+    from bbfl.federation.flower_local import LocalFederation
+
+    fed = LocalFederation(2, workdir=tmp_path)
+    spawned = []
+    monkeypatch.setattr(fed, "_spawn", lambda name, args: spawned.append(args))
+    monkeypatch.setattr(fed, "_wait_for_port", lambda port, wait: None)
+    fed.start()
+    assert "--disable-runtime-dependency-installation" in spawned[0] and spawned[0][0] == "flower-superlink"
+    assert fed.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"  # the SuperNodes read it
+
+    (tmp_path / "superlink.log").write_text("INFO: starting\nERROR: ServerApp failed with exception: boom\n")
+    monkeypatch.setattr(fed, "status", lambda run_id: {"status": "finished:failed", "status-details": "x"})
+    monkeypatch.setattr(
+        subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout='{"run-id": 7}', stderr="")
+    )
+    with pytest.raises(BBFLError, match="Flower run 7 ended finished:failed x: ERROR: ServerApp failed.*boom"):
+        fed.run("{}", tmp_path / "run", timeout=30)
