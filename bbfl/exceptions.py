@@ -21,7 +21,7 @@ class BudgetExceeded(BBFLError, RuntimeError):
 
 
 class CheckpointError(BBFLError, RuntimeError):
-    """A checkpoint does not match the run it is asked to resume."""
+    """A checkpoint does not match the run it is asked to resume, or a run-directory file is truncated or garbled."""
 
 
 class EndpointError(BBFLError, RuntimeError):

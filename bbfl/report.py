@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bbfl.exceptions import ConfigError
-from bbfl.io import _json_default, atomic_write_bytes, atomic_write_json, load_arrays, save_arrays
+from bbfl.io import _json_default, atomic_write_bytes, atomic_write_json, load_arrays, load_json, save_arrays
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "load_arrays", "save_arrays", "summary_table"]
 
@@ -50,7 +50,7 @@ class RunDir:
 
     @property
     def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text())
+        return load_json(self.path / "config.json")  # a truncated file: CheckpointError naming it
 
     def rewrite_metrics(self, records: list[Mapping[str, Any]]) -> None:
         """Replace metrics.jsonl atomically (used when a resumed run rebuilds its history)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -23,10 +25,10 @@ def test_clip_and_noise_are_what_they_claim():
         assert np.allclose(clipped / np.linalg.norm(clipped), v / np.linalg.norm(v))  # direction kept
     std = noise_std(clip=2.0, noise_multiplier=1.5, weights=np.array([1, 1, 2]))
     assert std == pytest.approx(1.5 * 2.0 * 0.5)  # the largest client holds half of the weight
-    noise = add_noise(np.zeros(200_000), std, seed=1, round_=4)
+    noise = add_noise(np.zeros(200_000), std, secret=1, round_=4)
     assert noise.std() == pytest.approx(std, rel=0.01) and abs(noise.mean()) < 0.01
-    np.testing.assert_array_equal(noise, add_noise(np.zeros(200_000), std, seed=1, round_=4))  # replayable
-    assert not np.array_equal(noise, add_noise(np.zeros(200_000), std, seed=1, round_=5))
+    np.testing.assert_array_equal(noise, add_noise(np.zeros(200_000), std, secret=1, round_=4))  # replayable
+    assert not np.array_equal(noise, add_noise(np.zeros(200_000), std, secret=1, round_=5))
 
 
 def test_dp_needs_a_clip_and_an_averaging_rule():
@@ -52,9 +54,9 @@ def test_fedbpt_with_dp_clips_every_client_and_resumes_to_the_same_noisy_mean(ti
     assert np.linalg.norm(update["mean"] - arrays["mean"]) <= 0.05 + 1e-6  # sigma 1 moves it far more unclipped
 
     noisy = build(dp_clip=0.05, dp_noise=2.0)
-    run_federation(noisy, engine, tmp_path / "once")
-    half = build(dp_clip=0.05, dp_noise=2.0)
-    run_federation(half, engine, tmp_path / "twice", stop_after=1)
+    # the noise comes from a server secret drawn per run: resume a copy of this run's round-1 directory
+    copy_round_1 = lambda r: r["round"] == 1 and shutil.copytree(tmp_path / "once", tmp_path / "twice")  # noqa: E731
+    run_federation(noisy, engine, tmp_path / "once", on_round=copy_round_1)
     resumed = build(dp_clip=0.05, dp_noise=2.0)
     run_federation(resumed, engine, tmp_path / "twice")
     np.testing.assert_array_equal(resumed.mean, noisy.mean)  # the server noise is replayed, not redrawn

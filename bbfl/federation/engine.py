@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from bbfl.exceptions import CheckpointError, ConfigError
+from bbfl.federation.headers import validate_header
 from bbfl.federation.wire import InvalidUpdate, decode_message, encode_message, validate_update
 from bbfl.io import atomic_write_json, load_arrays, save_arrays
 from bbfl.methods.base import Arrays, FederatedMethod
+from bbfl.methods.privacy import new_server_secret
 
 log = logging.getLogger("bbfl.federation")
 
@@ -130,12 +132,22 @@ def run_federation(
     run_dir = Path(run_dir)
     ckpt = run_dir / "server_state.safetensors"
     start, records = 1, []
+    # server-only randomness (the DP noise): never in config.json or a message, kept in the checkpoint
+    method.server_secret = new_server_secret()
     if ckpt.is_file():
         arrays, meta = load_arrays(ckpt)
-        info = json.loads(meta["engine"])
+        info, method_header = _checkpoint_headers(ckpt, meta)
+        _refuse_non_finite(arrays, method_header, f"{ckpt} holds")  # garbled bytes must not become a state
         if info["num_clients"] != method.num_clients:
             raise CheckpointError(f"{ckpt} was written for {info['num_clients']} clients, not {method.num_clients}")
-        method.load_state(arrays, json.loads(meta["method"]))
+        if "server_secret" in info:
+            method.server_secret = int(info["server_secret"], 16)
+        else:
+            log.warning("%s predates the server secret: DP noise of its replayed rounds will differ", ckpt)
+        try:
+            method.load_state(arrays, method_header)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # a garbled method header
+            raise CheckpointError(f"{ckpt} does not hold this method's state ({type(exc).__name__}: {exc})") from exc
         _load_client_states(method, run_dir, info["round"])
         start, records = info["round"] + 1, info["records"]
         log.info("resuming at round %d from %s", start, ckpt)
@@ -151,7 +163,9 @@ def run_federation(
         ran = sorted(set(record["sampled"]) - set(record["dropped"]))
         _save_client_states(method, run_dir, round_, ran)
         arrays, header = method.state()
+        _refuse_non_finite(arrays, header, f"round {round_} left")
         engine_meta = {"round": round_, "records": records, "num_clients": method.num_clients}
+        engine_meta["server_secret"] = format(method.server_secret, "x")
         save_arrays(ckpt, arrays, {"engine": json.dumps(engine_meta), "method": json.dumps(header)})
         _prune_client_states(run_dir, ran, keep=round_)
         if on_round is not None:
@@ -161,6 +175,31 @@ def run_federation(
             break
     atomic_write_json(run_dir / "rounds.json", records)
     return records
+
+
+def _checkpoint_headers(ckpt: Path, meta: dict[str, str]) -> tuple[dict, dict]:
+    """The engine's and the method's JSON headers of a checkpoint; garbage is a CheckpointError naming it."""
+    try:
+        info, method_header = json.loads(meta["engine"]), json.loads(meta["method"])
+        for key, kind in (("round", int), ("records", list), ("num_clients", int)):
+            if not isinstance(info[key], kind):
+                raise TypeError(f"engine field {key!r} should be {kind.__name__}")
+        int(info.get("server_secret", "0"), 16)
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{ckpt} has a garbled header ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    return info, method_header
+
+
+def _refuse_non_finite(arrays: Arrays, header: dict, what: str) -> None:
+    """Never checkpoint or load NaN/Inf: a poisoned state would be replayed by every resume."""
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise CheckpointError(f"{what} NaN or Inf in the server state (array {name!r})")
+    try:
+        json.dumps(header, allow_nan=False)
+    except ValueError as exc:
+        raise CheckpointError(f"{what} NaN or Inf in the server state's header") from exc
 
 
 # Private client states live in clients/<client>.r<round>.safetensors. A round's files are written
@@ -212,6 +251,7 @@ def _run_round(
     running = [c for c in sampled if c not in dropped]
     bytes_down, replies = runner(method, config, round_, running, down_arrays, down_header)
     updates, rejected, late = [], [], []
+    header_spec = getattr(method, "header_spec", None)  # every federated method declares one
     for reply in replies:
         if config.deadline is not None and reply.seconds > config.deadline:
             late.append(reply.client)
@@ -220,7 +260,13 @@ def _run_round(
         try:
             if reply.error is not None:
                 raise InvalidUpdate(reply.error)
+            if reply.client not in running:
+                raise InvalidUpdate(f"client {reply.client} was not asked for an update this round")
+            if reply.client in {c for c, _, _ in updates}:
+                raise InvalidUpdate(f"second reply from client {reply.client} this round")
             validate_update(reply.arrays, method.update_shapes(), config.max_update_norm)
+            if header_spec is not None:
+                validate_header(reply.header, header_spec(reply.client))
         except InvalidUpdate as exc:
             rejected.append({"client": reply.client, "reason": exc.reason})
             log.warning("round %d: client %d update rejected: %s", round_, reply.client, exc.reason)

@@ -2,7 +2,9 @@
 
 For trying the Flower path without a cluster (``bbfl flower-local``) and for the tests. These are the
 same processes a multi-machine deployment runs (see README, "Scale-out on Flower"); only the
-addresses differ. ``--insecure`` is used because everything stays on 127.0.0.1.
+addresses differ. ``--insecure`` is used because everything stays on 127.0.0.1. Runtime dependency
+installation is off (Flower 1.41 runs ``uv sync`` for every run otherwise, which needs a package index):
+the apps run in the environment bbfl is installed in.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class LocalFederation:
             **os.environ,
             "FLWR_HOME": str(self.workdir / "flwr-home"),
             "OMP_NUM_THREADS": str(threads_per_node),
+            # no `uv sync` per run (it needs the network), no update check: loopback only
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
         }
         self.processes: list[subprocess.Popen] = []
 
@@ -95,10 +100,8 @@ class LocalFederation:
             f'[superlink]\ndefault = "bbfl"\n\n[superlink.bbfl]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         # a file database: the in-memory one fails under concurrent pushes (sqlite "statements in progress")
-        self._spawn(
-            "superlink",
-            ["flower-superlink", "--insecure", "--port", str(self.port), "--database", str(self.workdir / "link.db")],
-        )
+        link = ["flower-superlink", "--insecure", "--port", str(self.port), "--database", str(self.workdir / "link.db")]
+        self._spawn("superlink", [*link, "--disable-runtime-dependency-installation"])
         self._wait_for_port(self.port, wait)
         for i in range(self.num_nodes):
             args = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
@@ -125,10 +128,21 @@ class LocalFederation:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # the exit code of `flwr run --stream` is not the run's outcome
             status = self.status(run_id)
-            if status.get("status", "").startswith("finished"):
+            if status.get("status", "") == "finished:completed":
                 return status
+            if status.get("status", "").startswith("finished"):
+                raise BBFLError(self._failure(run_id, status))
             time.sleep(2)
         raise BBFLError(f"Flower run {run_id} did not finish within {timeout:.0f}s; logs in {self.workdir}")
+
+    def _failure(self, run_id: int | str, status: dict) -> str:
+        """Why a run ended without completing: its status details and the SuperLink's last error lines."""
+        log = self.workdir / "superlink.log"
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        errors = [line.strip() for line in lines if "ERROR" in line or "exception" in line.lower()][-3:]
+        why = " | ".join(errors) or "no error in the SuperLink log"
+        details = status.get("status-details") or ""
+        return f"Flower run {run_id} ended {status.get('status')} {details}: {why} (logs in {self.workdir})"
 
     def status(self, run_id: int | str) -> dict:
         out = subprocess.run(

@@ -14,6 +14,7 @@ checks shapes, finiteness and norms before an update may touch the global state.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,12 @@ from bbfl.exceptions import BBFLError
 
 HEADER_KEY = "bbfl"
 WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
+_SAFETENSORS_DTYPES = {"F32", "F16"}  # what encode_message writes; anything else is refused, never cast
+
+# Stated limits, checked on the raw bytes before anything big is parsed or allocated.
+MAX_MESSAGE_BYTES = 1 << 30  # 1 GiB: a dense FwdLLM gradient of a large adapter still fits
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB of safetensors JSON header (bbfl's own headers are < 4 KiB)
+MAX_TENSORS = 4096  # named arrays in one message
 
 
 class InvalidUpdate(BBFLError, ValueError):
@@ -45,25 +52,78 @@ def encode_message(
     return save(cast, metadata={HEADER_KEY: json.dumps(dict(header or {}))})
 
 
-def decode_message(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Parse bytes from :func:`encode_message`; arrays come back as float32. Bad bytes -> InvalidUpdate."""
+def decode_message(
+    blob: bytes, max_bytes: int = MAX_MESSAGE_BYTES, max_header_bytes: int = MAX_HEADER_BYTES
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Parse bytes from :func:`encode_message`; arrays come back as float32. Bad bytes -> InvalidUpdate.
+
+    Only float32/float16 arrays are accepted (complex, integer or bool arrays are refused, not cast);
+    the message size, the header size and the number of arrays are checked before the arrays are read.
+    """
     from safetensors.numpy import load
 
+    table = _read_table(blob, max_bytes, max_header_bytes)
+    for name, entry in table.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise InvalidUpdate(
+                f"array {name[:80]!r} has dtype {dtype!r}; expected one of {sorted(_SAFETENSORS_DTYPES)}"
+            )
+    metadata = table.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise InvalidUpdate(f"message metadata should be a JSON object, got {type(metadata).__name__}")
     try:
-        arrays = load(blob)
-        header_text = _read_metadata(blob).get(HEADER_KEY, "{}")
-        header = json.loads(header_text)
-    except Exception as exc:  # safetensors raises several types for corrupt input
-        raise InvalidUpdate(f"undecodable message ({type(exc).__name__}: {exc})") from exc
+        arrays = load(bytes(blob))
+        header = parse_header_json(metadata.get(HEADER_KEY, "{}"))
+    except Exception as exc:  # safetensors raises several types for corrupt input; json a RecursionError
+        raise InvalidUpdate(f"undecodable message ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(header, dict):
         raise InvalidUpdate(f"message header should be a JSON object, got {type(header).__name__}")
     return {k: v.astype(np.float32) for k, v in arrays.items()}, header
 
 
-def _read_metadata(blob: bytes) -> dict[str, str]:
-    # safetensors layout: 8-byte little-endian header length, then the JSON header
-    size = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + size]).get("__metadata__", {}) or {}
+def parse_header_json(text: str | bytes) -> Any:
+    """Strict JSON: ``NaN``/``Infinity`` (which Python's json accepts) and overflowing numbers such as
+    ``1e999`` are refused, so no non-finite value reaches a state."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in a header")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} overflows a float")
+    return value
+
+
+def _read_table(blob: bytes, max_bytes: int, max_header_bytes: int) -> dict[str, Any]:
+    """The safetensors JSON table (8-byte little-endian length, then JSON), size-checked first."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise InvalidUpdate(f"undecodable message: should be bytes, got {type(blob).__name__}")
+    if len(blob) > max_bytes:
+        raise InvalidUpdate(f"undecodable message: {len(blob):,} bytes exceeds the limit of {max_bytes:,}")
+    if len(blob) < 8:
+        raise InvalidUpdate(f"undecodable message: {len(blob)} bytes is too short for a safetensors header")
+    size = int.from_bytes(bytes(blob[:8]), "little")
+    if size > max_header_bytes:
+        raise InvalidUpdate(f"undecodable message: header of {size:,} bytes exceeds the limit of {max_header_bytes:,}")
+    if 8 + size > len(blob):
+        raise InvalidUpdate(f"undecodable message: header declares {size:,} bytes but only {len(blob) - 8:,} follow")
+    try:
+        table = json.loads(bytes(blob[8 : 8 + size]))
+    except Exception as exc:  # ValueError, UnicodeDecodeError, RecursionError on deep nesting
+        raise InvalidUpdate(f"undecodable message: header is not JSON ({type(exc).__name__})") from exc
+    if not isinstance(table, dict):
+        raise InvalidUpdate(f"undecodable message: header should be a JSON object, got {type(table).__name__}")
+    tensors = len(table) - ("__metadata__" in table)
+    if tensors > MAX_TENSORS:
+        raise InvalidUpdate(f"undecodable message: declares {tensors:,} arrays, more than the limit of {MAX_TENSORS:,}")
+    return table
 
 
 def validate_update(
@@ -82,6 +142,6 @@ def validate_update(
             raise InvalidUpdate(f"{name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
         if not np.all(np.isfinite(value)):
             raise InvalidUpdate(f"{name!r} contains NaN or Inf")
-        norm = float(np.linalg.norm(value))
+        norm = float(np.linalg.norm(value.astype(np.float64)))  # float32 squares overflow
         if max_norm is not None and norm > max_norm:
             raise InvalidUpdate(f"{name!r} has norm {norm:.3g} > limit {max_norm:.3g}")

@@ -19,6 +19,7 @@ class FederatedMethod(ABC):
     """What a method gives the engine. Arrays + JSON headers only; the engine does the serialising."""
 
     num_clients: int
+    server_secret: int | None = None  # set by the engine: server-only randomness (DP noise), checkpointed
 
     @abstractmethod
     def downlink(self, round_: int) -> tuple[Arrays, dict]:

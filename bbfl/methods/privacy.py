@@ -16,6 +16,8 @@ the number of rounds with any standard RDP accountant.
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 
 from bbfl.exceptions import ConfigError
@@ -43,8 +45,19 @@ def noise_std(clip: float, noise_multiplier: float, weights: np.ndarray) -> floa
     return noise_multiplier * clip * float(weights.max() / weights.sum())
 
 
-def add_noise(mean: np.ndarray, std: float, seed: int, round_: int) -> np.ndarray:
-    """``mean`` + N(0, std^2), seeded by (seed, round) so that a resumed run replays the same noise."""
+def new_server_secret() -> int:
+    """128 random bits only the server holds (the engine keeps them in its checkpoint, never in config.json)."""
+    return secrets.randbits(128)
+
+
+def add_noise(mean: np.ndarray, std: float, secret: int | None, round_: int) -> np.ndarray:
+    """``mean`` + N(0, std^2), drawn from (server secret, round).
+
+    A resumed run replays the same noise (the secret is in the server's checkpoint); a client, which
+    holds config.json and its seed but not the secret, cannot regenerate and subtract it.
+    """
     if std == 0:
         return mean
-    return mean + np.random.default_rng([seed, round_, 0xD9]).normal(0.0, std, size=mean.shape)
+    if secret is None:
+        raise ConfigError("server-side DP noise needs the server's secret (the engine sets `server_secret`)")
+    return mean + np.random.default_rng([secret, round_, 0xD9]).normal(0.0, std, size=mean.shape)

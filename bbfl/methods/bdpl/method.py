@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bbfl.exceptions import ConfigError
+from bbfl.federation.headers import count, number
 from bbfl.io import load_arrays, save_arrays
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bdpl.config import BDPLConfig
@@ -225,6 +226,10 @@ class FedOne(FederatedMethod):
             policy.step(indices, step_losses, self.config.lr)
             losses.append(float(step_losses.mean()))
         return {"probs": policy.probs.astype(np.float32)}, {"examples": len(data), "loss": float(np.mean(losses))}
+
+    def header_spec(self, client: int) -> dict:
+        """What an update header must hold (checked by the engine before :meth:`aggregate`)."""
+        return {"examples": count(1, len(self.clients[client])), "loss": number()}
 
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
         weights = np.array([h["examples"] for _, _, h in updates], dtype=np.float64)

@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 
 from bbfl.blackbox import Encoded, LocalBlackBox
+from bbfl.federation.headers import count, number, number_list
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bbt import SubspaceProjection
 from bbfl.methods.fedbpt.config import FedBPTConfig
@@ -78,6 +79,20 @@ class FedBPT(FederatedMethod):
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"mean": (self.config.intrinsic_dim,)}
 
+    def header_spec(self, client: int) -> dict:
+        """What an update header must hold (checked by the engine before :meth:`aggregate`)."""
+        cfg = self.config
+        # pycma's CSA changes sigma by at most e per generation, from the sigma this round sent
+        sigma_max = self.sigma * np.e**cfg.local_iter
+        per_eval = 1 if self.perturbed[client] is None else 2
+        return {
+            "fitness": number(),
+            "sigmas": number_list(cfg.local_iter, cfg.local_iter, high=sigma_max, positive=True),
+            "local_mu": count(1, cfg.local_popsize),
+            "examples": count(1, len(self.clients[client])),
+            "queries": count(0, (cfg.local_iter * cfg.local_popsize + 1) * per_eval),
+        }
+
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
         solutions = np.stack([u["mean"].astype(np.float64) for _, u, _ in updates])
         fitnesses = np.array([h["fitness"] for _, _, h in updates], dtype=np.float64)
@@ -104,7 +119,7 @@ class FedBPT(FederatedMethod):
             self.mean = aggregate(step["solutions"], step["weights"], rule, cfg.trim, cfg.num_malicious)
             if cfg.dp_clip is not None:  # replayed on resume with the same (seed, round) noise
                 std = noise_std(cfg.dp_clip, cfg.dp_noise, step["weights"])
-                self.mean = add_noise(self.mean, std, cfg.seed, len(self.rounds))
+                self.mean = add_noise(self.mean, std, self.server_secret, len(self.rounds))
             sigmas = np.asarray(step["final_sigmas"], dtype=np.float64)
             self.sigma = float(np.sqrt(np.mean(np.square(sigmas))) if rule == "mean" else np.median(sigmas))
             return

@@ -23,6 +23,7 @@ import torch
 
 from bbfl.blackbox import Encoded, LocalBlackBox
 from bbfl.exceptions import ConfigError
+from bbfl.federation.headers import count
 from bbfl.memory import peak_memory_mb
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fedkseed.config import FedKSeedConfig
@@ -95,6 +96,11 @@ class FedKSeed(FederatedMethod):
         return {"scalars": accumulated.astype(np.float32)}, header
 
     # ------------------------------------------------------------------ server
+    def header_spec(self, client: int) -> dict:
+        """What an update header must hold (checked by the engine before :meth:`aggregate`)."""
+        # two forward passes (a central difference) per local step
+        return {"n": count(1, len(self.clients[client])), "queries": count(0, 2 * self.config.local_steps)}
+
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
         if not updates:
             return {}

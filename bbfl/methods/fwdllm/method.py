@@ -23,6 +23,7 @@ import torch
 
 from bbfl.blackbox import Encoded, LocalBlackBox
 from bbfl.exceptions import ConfigError
+from bbfl.federation.headers import count, int_list
 from bbfl.memory import peak_memory_mb
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fwdllm.config import FwdLLMConfig
@@ -175,6 +176,17 @@ class FwdLLM(FederatedMethod):
         return [g.detach().cpu() for g in grads]
 
     # ------------------------------------------------------------------ server
+    def header_spec(self, client: int) -> dict:
+        """What an update header must hold (checked by the engine before :meth:`aggregate`)."""
+        cfg = self.config
+        fewest = 1 if cfg.uplink == "seed" else 0  # backprop's dense update lists no directions
+        return {
+            "n": count(1, min(cfg.batch_size, len(self.clients[client]))),
+            "queries": count(0, 2 * cfg.max_perturbations),  # two forward passes per direction at most
+            "seed": count(0, 2**32 - 1),
+            "steps": int_list(fewest, cfg.max_perturbations, 0, cfg.max_perturbations * cfg.candidates - 1),
+        }
+
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
         if not updates:
             return {"lr": 0.0}
@@ -185,7 +197,9 @@ class FwdLLM(FederatedMethod):
                 mean[k] += (header["n"] / total_n) * g
         if self.config.dp_clip is not None:
             std = noise_std(self.config.dp_clip, self.config.dp_noise, [h["n"] for _, _, h in updates])
-            mean = {k: add_noise(v, std, self.config.seed, round_ * 4096 + i) for i, (k, v) in enumerate(mean.items())}
+            mean = {
+                k: add_noise(v, std, self.server_secret, round_ * 4096 + i) for i, (k, v) in enumerate(mean.items())
+            }
         lr = self.config.lr * (1.0 - (round_ - 1) / self.rounds)  # linear decay to 0 over the run
         self.global_weights = {k: (w - lr * mean[k]).astype(np.float32) for k, w in self.global_weights.items()}
         self.prev_grad = {k: v.astype(np.float32) for k, v in mean.items()}

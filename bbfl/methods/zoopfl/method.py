@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bbfl.blackbox import Encoded, LocalBlackBox
+from bbfl.federation.headers import count, number
 from bbfl.methods.base import Arrays, ClientClock, FederatedMethod
 from bbfl.methods.zoopfl.config import ZooPFLConfig
 
@@ -214,6 +215,13 @@ class ZooPFL(FederatedMethod):
             return self.blackbox.paired_logits(self._prefixes(code)[None], data)[0].cpu().clone()
 
     # ---------------------------------------------------------------- server
+    def header_spec(self, client: int) -> dict:
+        """What an update header must hold (checked by the engine before :meth:`aggregate`)."""
+        cfg = self.config
+        probes = cfg.local_steps * (max(cfg.zo_queries, cfg.code_dim) + 1)  # one batched call per ZO step
+        examples = len(self.clients[client])
+        return {"examples": count(1, examples), "train_loss": number(0.0), "queries": count(0, probes)}
+
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
         losses = [h["train_loss"] for _, _, h in updates]
         self.train_queries += sum(int(h.get("queries", 0)) for _, _, h in updates)
