@@ -75,6 +75,12 @@ HOSTILE_SCORES = [  # (id, prompts, metadata, words the 4xx message must hold)
     ("perturb-rate-nan", prompts(), with_meta(perturb={"rate": float("nan"), "seed": 1}), ["perturb.rate", "nan"]),
     ("perturb-seed-2**70", prompts(), with_meta(perturb={"rate": 0.1, "seed": 2**70}), ["perturb.seed", str(2**70)]),
     ("lone-surrogate-text", prompts(), with_meta(texts=["ok", "bad \ud800"]), ["texts[1] is not valid Unicode"]),
+    (
+        "template-without-mask",
+        prompts(),
+        with_task(template="{text} ."),
+        ["task.template must contain {text} and {mask}"],
+    ),
     ("100-classes", prompts(), with_task(labels=[f"c{i}" for i in range(100)]), ["100 classes", "--max-classes"]),
     ("3-words-2-labels", prompts(), with_task(label_words=["bad", "great", "ok"]), ["3 entries for 2 labels"]),
     ("1-description-2-labels", prompts(), with_task(label_descriptions=["x"]), ["1 entries for 2 labels"]),
@@ -222,7 +228,8 @@ def test_serve_help_lists_the_limits():
 # ---------------------------------------------------------------------- a real server over real sockets
 @pytest.fixture(scope="module")
 def served(bert):
-    """Real uvicorn (in a thread, on a free loopback port) serving the tiny BERT with a 1 s body timeout."""
+    """Real uvicorn (in a thread, on a free loopback port) serving the tiny BERT with a 1 s body timeout:
+    ``((host, port), the app's Server)``."""
     import threading
 
     import uvicorn
@@ -240,7 +247,7 @@ def served(bert):
         time.sleep(0.05)
     assert server.started, "uvicorn did not start"
     try:
-        yield "127.0.0.1", server.config.port
+        yield ("127.0.0.1", server.config.port), app.state.server
     finally:
         server.should_exit = True
         thread.join(10)
@@ -278,7 +285,7 @@ def test_errors_keep_the_keep_alive_connection_usable(served):
         pack({"prompts": prompts(torch.float8_e4m3fn)}, valid_meta()),
         pack({"prompts": prompts()}, [1]),
     ]
-    with socket.create_connection(served, timeout=30) as sock:
+    with socket.create_connection(served[0], timeout=30) as sock:
         for body in hostile:
             sock.sendall(http_request("POST", "/v1/bbfl/scores", body))
             status, _, reply = read_response(sock)
@@ -289,7 +296,7 @@ def test_errors_keep_the_keep_alive_connection_usable(served):
 
 
 def test_a_body_shorter_than_its_content_length_times_out(served):
-    with socket.create_connection(served, timeout=15) as sock:
+    with socket.create_connection(served[0], timeout=15) as sock:
         start = time.monotonic()
         sock.sendall(http_request("POST", "/v1/embeddings", b'{"input": "x"', content_length=100))
         status, headers, reply = read_response(sock)
@@ -297,3 +304,25 @@ def test_a_body_shorter_than_its_content_length_times_out(served):
         assert status == 408 and "--body-timeout" in json.loads(reply)["error"]["message"]
         assert headers.get("connection") == "close" and 0.9 < waited < 10
         assert sock.recv(1) == b""  # the server closed it: the missing bytes can no longer be misread
+
+
+def test_a_queued_request_whose_client_left_is_not_scored(served):
+    """A holds the model (kept busy here by its lock), B queues behind it and hangs up: B is never scored."""
+    address, server = served
+    request = http_request("POST", "/v1/bbfl/scores", pack({"prompts": prompts()}, valid_meta()))
+    abandoned = server.abandoned
+    with socket.create_connection(address, timeout=30) as first:
+        with server.lock:  # the model is busy: A waits for it, B waits behind A
+            first.sendall(request)
+            time.sleep(0.5)
+            with socket.create_connection(address, timeout=30) as second:
+                second.sendall(request)
+                time.sleep(0.5)
+            time.sleep(0.5)  # B's client has gone before the model is free
+        assert read_response(first)[0] == 200
+        queries = server.bb.counter.stats.queries
+    deadline = time.monotonic() + 10
+    while server.abandoned == abandoned and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.abandoned == abandoned + 1
+    assert server.bb.counter.stats.queries == queries  # nothing was scored after A

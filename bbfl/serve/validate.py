@@ -143,6 +143,9 @@ def task_and_split(meta: dict, max_classes: int) -> tuple[Task, Split]:
     if not isinstance(spec, dict) or any(f not in spec for f in TASK_FIELDS):
         raise APIError(422, f"metadata `bbfl.task` must be an object holding {list(TASK_FIELDS)}", "task")
     strings = {f: text(spec[f], f"task.{f}") for f in ("name", "template", "encoder_template")}
+    for f, needed in (("template", ("{text}", "{mask}")), ("encoder_template", ("{text}",))):  # as data specs
+        if not all(n in strings[f] for n in needed):
+            raise APIError(422, f"task.{f} must contain {' and '.join(needed)}, got {shown(strings[f])}", f)
     labels = texts(spec["labels"], "task.labels", allow_single=False)
     if not 2 <= len(labels) <= max_classes:
         expected = f"expected 2 to {max_classes} (--max-classes)"
