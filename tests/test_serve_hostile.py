@@ -326,3 +326,11 @@ def test_a_queued_request_whose_client_left_is_not_scored(served):
         time.sleep(0.05)
     assert server.abandoned == abandoned + 1
     assert server.bb.counter.stats.queries == queries  # nothing was scored after A
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-classes", "1"), ("--body-timeout", "0")])
+def test_serve_refuses_a_limit_out_of_range(flag, value):
+    from bbfl.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--no-auth", flag, value], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code != 0 and flag in result.output
