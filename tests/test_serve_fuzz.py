@@ -3,7 +3,7 @@
 Property: every answer is a 2xx, or a 4xx whose JSON body holds a message; never a 500, never a hang
 (each request must answer within ``TIMEOUT_S``); every 200 from /v1/bbfl/scores holds finite scores.
 The app runs in process (httpx's ASGI transport) on the tiny BERT-MLM and, for ``echo``, the tiny GPT-2.
-``BBFL_FUZZ_EXAMPLES`` sets the requests per endpoint (default 200: about 8-15 s on 2 busy cores).
+``BBFL_FUZZ_EXAMPLES`` sets the requests per endpoint (default 150: 7-15 s on 2 shared, busy cores).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from bbfl.blackbox.remote import pack, task_spec, unpack
 from bbfl.data import load_task
 from bbfl.serve import create_app
 
-EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "150"))
 SEED = int(os.environ.get("BBFL_FUZZ_SEED", "0"))
 TIMEOUT_S = 30.0  # a request still unanswered after this is a hang
 

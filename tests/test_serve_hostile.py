@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -230,8 +231,6 @@ def test_serve_help_lists_the_limits():
 def served(bert):
     """Real uvicorn (in a thread, on a free loopback port) serving the tiny BERT with a 1 s body timeout:
     ``((host, port), the app's Server)``."""
-    import threading
-
     import uvicorn
 
     from bbfl.federation.flower_local import free_port
@@ -326,6 +325,47 @@ def test_a_queued_request_whose_client_left_is_not_scored(served):
         time.sleep(0.05)
     assert server.abandoned == abandoned + 1
     assert server.bb.counter.stats.queries == queries  # nothing was scored after A
+
+
+def test_a_batched_text_request_whose_client_left_is_not_run(served):
+    """The same for /v1/embeddings: A's forward holds the model, B queues on the batcher and hangs up."""
+    address, server = served
+    batcher = server.embedding_batcher
+    request = http_request("POST", "/v1/embeddings", json.dumps({"input": ["a fine film"]}).encode())
+    abandoned = batcher.abandoned
+    with socket.create_connection(address, timeout=30) as first:
+        with server.lock:
+            first.sendall(request)
+            time.sleep(0.5)
+            with socket.create_connection(address, timeout=30) as second:
+                second.sendall(request)
+                time.sleep(0.5)
+            time.sleep(0.5)
+        assert read_response(first)[0] == 200
+        calls = batcher.calls
+    deadline = time.monotonic() + 10
+    while batcher.abandoned == abandoned and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batcher.abandoned == abandoned + 1
+    assert batcher.calls == calls  # B never reached the model
+
+
+def test_batcher_drops_a_job_whose_client_has_gone():
+    from bbfl.serve import CLIENT_GONE, Batcher
+    from bbfl.serve.validate import APIError
+
+    ran: list[list] = []
+    batcher = Batcher(lambda items: ran.append(items) or items, max_items=8)
+    gone = threading.Event()
+    gone.set()
+    context = CLIENT_GONE.set(gone)
+    try:
+        with pytest.raises(APIError, match="closed the connection") as caught:
+            batcher.submit(["x"])
+    finally:
+        CLIENT_GONE.reset(context)
+    assert caught.value.status == 499 and ran == [] and batcher.abandoned == 1
+    assert batcher.submit(["y"]) == ["y"] and ran == [["y"]]  # a live client is served as before
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--max-classes", "1"), ("--body-timeout", "0")])

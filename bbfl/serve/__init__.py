@@ -44,6 +44,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,6 +62,9 @@ from bbfl.serve.validate import APIError, Perturb
 SAFETENSORS = "application/octet-stream"
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded default model is
 LOG = logging.getLogger("bbfl.serve")
+# set by a text request's handler, read by Batcher.submit in the handler's worker thread (the context travels
+# with run_in_threadpool): an event that is set once the request's client has disconnected
+CLIENT_GONE: ContextVar[threading.Event | None] = ContextVar("bbfl_client_gone", default=None)
 
 
 @dataclass
@@ -94,6 +98,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: list | None = None
     error: BaseException | None = None
+    gone: threading.Event | None = None  # set when the client has disconnected: drop the job, unrun
 
 
 class Batcher:
@@ -104,7 +109,8 @@ class Batcher:
     ``run(all_items) -> one result per item``. A busy server merges what arrived while it was busy; with
     ``max_wait_s > 0`` the worker also waits that long after the first job for more to arrive (TorchServe's
     ``maxBatchDelay``: a little latency for fuller batches). If a merged call fails, each job is retried
-    alone so that one request's bad input fails only that request.
+    alone so that one request's bad input fails only that request. A job whose client has gone by the time
+    the worker reaches it (:data:`CLIENT_GONE`) is dropped without running.
     """
 
     def __init__(
@@ -113,12 +119,13 @@ class Batcher:
         self.run, self.max_items, self.max_wait_s = run, max(1, max_items), max_wait_s
         self.calls = 0  # model calls made
         self.jobs = 0  # requests served
+        self.abandoned = 0  # requests dropped unrun: their client had gone
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._carry: _Job | None = None  # a job that did not fit the last batch goes first next time
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def submit(self, items: list) -> list:
-        job = _Job(list(items))
+        job = _Job(list(items), gone=CLIENT_GONE.get())
         self._queue.put(job)
         job.done.wait()
         if job.error is not None:
@@ -131,6 +138,8 @@ class Batcher:
 
     def _next_batch(self) -> list[_Job]:
         first, self._carry = self._carry or self._queue.get(), None
+        while self._drop_if_gone(first):
+            first = self._queue.get()
         jobs, count = [first], len(first.items)
         deadline = time.monotonic() + self.max_wait_s
         while count < self.max_items:
@@ -139,12 +148,22 @@ class Batcher:
                 job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            if self._drop_if_gone(job):
+                continue
             if count + len(job.items) > self.max_items:
                 self._carry = job
                 break
             jobs.append(job)
             count += len(job.items)
         return jobs
+
+    def _drop_if_gone(self, job: _Job) -> bool:
+        if job.gone is None or not job.gone.is_set():
+            return False
+        job.error = APIError(499, "the client closed the connection before its turn; not run", "client_closed")
+        self.abandoned += 1
+        job.done.set()
+        return True
 
     def _execute(self, jobs: list[_Job]) -> None:
         try:
@@ -633,11 +652,29 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
                 raise APIError(499, "the client closed the connection before its turn; not scored", "client_closed")
             return await run_in_threadpool(work, job)
 
+    async def batched(request: Request, work: Callable, payload: dict) -> Any:
+        """Run ``work(payload)`` (which queues on a Batcher) while watching for the client to disconnect: a
+        job still queued when it does is dropped (see :class:`Batcher`)."""
+        gone = threading.Event()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        context = CLIENT_GONE.set(gone)
+        try:
+            return await run_in_threadpool(work, payload)
+        finally:
+            CLIENT_GONE.reset(context)
+            watcher.cancel()
+
     @app.get("/health")
     async def health() -> dict:
         stats = server.bb.counter.stats.as_dict()
         batching = {
-            name: {"requests": b.jobs, "model_calls": b.calls}
+            name: {"requests": b.jobs, "model_calls": b.calls, "abandoned": b.abandoned}
             for name, b in (
                 ("embeddings", server.embedding_batcher),
                 ("next_token", server.next_token_batcher),
@@ -681,15 +718,15 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
-        return await run_in_threadpool(server.embeddings, await read_json(request))
+        return await batched(request, server.embeddings, await read_json(request))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict:
-        return await run_in_threadpool(server.completions, await read_json(request))
+        return await batched(request, server.completions, await read_json(request))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict:
-        return await run_in_threadpool(server.chat, await read_json(request))
+        return await batched(request, server.chat, await read_json(request))
 
     return app
 
