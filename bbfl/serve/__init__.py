@@ -19,7 +19,8 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
   ``[MASK]`` position (the text's first mask; `` [MASK]`` is appended when there is none); for a
   causal LM, after the last token. Reading the label words there is the MLM verbalizer of BBT.
   A sentence-encoder model has no token distribution and answers 400.
-* ``GET /health`` (no auth): status, model, and the totals served.
+* ``GET /health`` (no auth): status, model, the totals served, and the queued requests dropped unrun
+  because their client had disconnected (``abandoned``; per batcher for text requests).
 
 Every request is checked before it reaches the model (:mod:`bbfl.serve.validate`): malformed input is a
 400 / 422 JSON error naming the field, what it got and what was expected, never a 500; size, count and
