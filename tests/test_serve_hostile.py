@@ -368,9 +368,11 @@ def test_batcher_drops_a_job_whose_client_has_gone():
     assert batcher.submit(["y"]) == ["y"] and ran == [["y"]]  # a live client is served as before
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--max-classes", "1"), ("--body-timeout", "0")])
-def test_serve_refuses_a_limit_out_of_range(flag, value):
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"), [("--max-classes", "1", "at least 2"), ("--body-timeout", "0", "(0, 3600]")]
+)
+def test_serve_refuses_a_limit_out_of_range(flag, value, expected):
     from bbfl.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--no-auth", flag, value], env={"COLUMNS": "200", "NO_COLOR": "1"})
-    assert result.exit_code != 0 and flag in result.output
+    assert result.exit_code != 0 and f"{flag} must be" in result.output and expected in result.output
