@@ -39,6 +39,16 @@ def serve(
     batch_wait_ms: float = typer.Option(
         2.0, help="How long a text request waits for others to share its forward (0: only what already queued)."
     ),
+    max_classes: int = typer.Option(
+        64,
+        help="Classes per task in a scores / features request (more: HTTP 422). Each class is a label word or "
+        "description the model reads for every request.",
+    ),
+    body_timeout: float = typer.Option(
+        30.0,
+        help="Seconds a request body may take to arrive in full; a body shorter than its Content-Length "
+        "is answered HTTP 408 and the connection closed.",
+    ),
 ) -> None:
     """Serve a local model over HTTP: /v1/bbfl/scores (soft prompts in, class scores out: BBT, FedBPT,
     ZooPFL), /v1/bbfl/info, /v1/bbfl/token_embeddings and /v1/bbfl/features (what those methods' clients
@@ -62,6 +72,10 @@ def serve(
                 f"{max_batch_texts})"
             )
         )
+    if max_classes < 2:
+        fail(ConfigError(f"--max-classes must be at least 2, got {max_classes}"))
+    if not 0 < body_timeout <= 3600:
+        fail(ConfigError(f"--body-timeout must be in (0, 3600] seconds, got {body_timeout}"))
     if not 0 <= batch_wait_ms <= 1000:
         fail(ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {batch_wait_ms}"))
     try:
@@ -77,6 +91,8 @@ def serve(
         max_prompt_length=max_prompt_length,
         max_batch_texts=max_batch_texts,
         batch_wait_ms=batch_wait_ms,
+        max_classes=max_classes,
+        body_timeout_s=body_timeout,
     )
     auth = "no auth" if no_auth else "bearer token required"
     console.print(f"serving {blackbox.model_name} ({blackbox.head} head) on http://{host}:{port} ({auth})")

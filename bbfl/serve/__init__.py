@@ -19,9 +19,14 @@ Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``):
   ``[MASK]`` position (the text's first mask; `` [MASK]`` is appended when there is none); for a
   causal LM, after the last token. Reading the label words there is the MLM verbalizer of BBT.
   A sentence-encoder model has no token distribution and answers 400.
-* ``GET /health`` (no auth): status, model, and the totals served.
+* ``GET /health`` (no auth): status, model, the totals served, and the queued requests dropped unrun
+  because their client had disconnected (``abandoned``; per batcher for text requests).
 
-Requests are size- and batch-limited (413 / 422 JSON errors naming the value and the limit). Text
+Every request is checked before it reaches the model (:mod:`bbfl.serve.validate`): malformed input is a
+400 / 422 JSON error naming the field, what it got and what was expected, never a 500; size, count and
+class limits give 413 / 422; a body that stops arriving is cut off after ``body_timeout_s`` (408). An
+unexpected error is a JSON 500 that keeps the keep-alive connection usable (:class:`CatchAll`). Replies
+name the model (a hub id, or a local directory's last component), never where its files are. Text
 requests (embeddings, completions, echo, chat) are **batched across concurrent requests**: handlers wait in a
 thread pool (never on the event loop) while one worker per kind runs everything that queued up while
 the model was busy as one padded forward (:class:`Batcher`). ``/v1/bbfl/scores`` requests already carry
@@ -33,12 +38,14 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,9 +55,17 @@ import torch.nn.functional as F
 
 from bbfl.blackbox import LocalBlackBox
 from bbfl.blackbox.remote import TASK_FIELDS, pack, unpack
+from bbfl.data import Split, Task
 from bbfl.exceptions import BBFLError
+from bbfl.serve import validate
+from bbfl.serve.validate import APIError, Perturb
 
 SAFETENSORS = "application/octet-stream"
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the embedded default model is
+LOG = logging.getLogger("bbfl.serve")
+# set by a text request's handler, read by Batcher.submit in the handler's worker thread (the context travels
+# with run_in_threadpool): an event that is set once the request's client has disconnected
+CLIENT_GONE: ContextVar[threading.Event | None] = ContextVar("bbfl_client_gone", default=None)
 
 
 @dataclass
@@ -64,14 +79,18 @@ class ServeLimits:
     max_prompt_length: int = 256  # L: soft-prompt tokens (they add to the model's position budget)
     max_batch_texts: int = 64  # texts per batched forward, summed over the concurrent requests merged into it
     batch_wait_ms: float = 2.0  # after a text request arrives, wait this long for others to share its forward
+    max_classes: int = 64  # classes per task: each is a label word / description the model reads for every request
+    body_timeout_s: float = 30.0  # a body that stops arriving before its Content-Length is cut off (408)
 
 
-class APIError(Exception):
-    """An HTTP error with an OpenAI-style JSON body: ``{"error": {"message", "type", "param", "code"}}``."""
+@dataclass
+class ScoresRequest:
+    """A checked /v1/bbfl/scores (or, without prompts, /v1/bbfl/features) request, ready for the model."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+    task: Task
+    split: Split
+    perturb: Perturb | None
+    prompts: torch.Tensor | None = None  # float32 [P, L, H] or [K, B, L, H]
 
 
 @dataclass
@@ -80,6 +99,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: list | None = None
     error: BaseException | None = None
+    gone: threading.Event | None = None  # set when the client has disconnected: drop the job, unrun
 
 
 class Batcher:
@@ -90,7 +110,8 @@ class Batcher:
     ``run(all_items) -> one result per item``. A busy server merges what arrived while it was busy; with
     ``max_wait_s > 0`` the worker also waits that long after the first job for more to arrive (TorchServe's
     ``maxBatchDelay``: a little latency for fuller batches). If a merged call fails, each job is retried
-    alone so that one request's bad input fails only that request.
+    alone so that one request's bad input fails only that request. A job whose client has gone by the time
+    the worker reaches it (:data:`CLIENT_GONE`) is dropped without running.
     """
 
     def __init__(
@@ -99,12 +120,13 @@ class Batcher:
         self.run, self.max_items, self.max_wait_s = run, max(1, max_items), max_wait_s
         self.calls = 0  # model calls made
         self.jobs = 0  # requests served
+        self.abandoned = 0  # requests dropped unrun: their client had gone
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._carry: _Job | None = None  # a job that did not fit the last batch goes first next time
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def submit(self, items: list) -> list:
-        job = _Job(list(items))
+        job = _Job(list(items), gone=CLIENT_GONE.get())
         self._queue.put(job)
         job.done.wait()
         if job.error is not None:
@@ -117,6 +139,8 @@ class Batcher:
 
     def _next_batch(self) -> list[_Job]:
         first, self._carry = self._carry or self._queue.get(), None
+        while self._drop_if_gone(first):
+            first = self._queue.get()
         jobs, count = [first], len(first.items)
         deadline = time.monotonic() + self.max_wait_s
         while count < self.max_items:
@@ -125,12 +149,22 @@ class Batcher:
                 job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            if self._drop_if_gone(job):
+                continue
             if count + len(job.items) > self.max_items:
                 self._carry = job
                 break
             jobs.append(job)
             count += len(job.items)
         return jobs
+
+    def _drop_if_gone(self, job: _Job) -> bool:
+        if job.gone is None or not job.gone.is_set():
+            return False
+        job.error = APIError(499, "the client closed the connection before its turn; not run", "client_closed")
+        self.abandoned += 1
+        job.done.set()
+        return True
 
     def _execute(self, jobs: list[_Job]) -> None:
         try:
@@ -166,6 +200,8 @@ class Server:
 
     def __init__(self, blackbox: LocalBlackBox, token: str | None, limits: ServeLimits) -> None:
         self.bb, self.token, self.limits = blackbox, token, limits
+        self.name = public_model_name(blackbox.model_name)  # never the absolute path of the model's files
+        self.abandoned = 0  # queued scores / features requests dropped because their client had gone
         self.lock = threading.Lock()  # one forward at a time: the model and its task state are shared
         self.encodings: OrderedDict[str, Any] = OrderedDict()  # request texts -> Encoded (LRU)
         self.requests = 0
@@ -176,65 +212,69 @@ class Server:
         self.started = time.time()
 
     # ------------------------------------------------------------------ soft-prompt scoring
-    def scores(self, body: bytes) -> tuple[bytes, int]:
-        try:
-            tensors, meta = unpack(body)
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
-        prompts = tensors.get("prompts")
-        if prompts is None or prompts.dim() not in (3, 4):
-            shape = None if prompts is None else tuple(prompts.shape)
-            raise APIError(422, f"need a tensor `prompts` of shape [P, L, H] or [K, B, L, H], got {shape}", "prompts")
-        task, split = _task_from_meta(meta)
-        n_cand, n_ex, hidden = prompts.shape[0], len(split), prompts.shape[-1]
-        self._check_count("prompts", n_cand, self.limits.max_prompts)
-        self._check_count("texts", n_ex, self.limits.max_examples)
-        self._check_count("prompt length", prompts.shape[-2], self.limits.max_prompt_length, allow_zero=True)
-        if hidden != self.bb.hidden_size:
-            raise APIError(422, f"prompt hidden size {hidden} != the model's {self.bb.hidden_size}", "prompts")
+    def parse_scores(self, body: bytes) -> ScoresRequest:
+        """Check a scores request completely before it queues for the model (nothing reaches it unchecked)."""
+        tensors, meta = self._unpack(body)
+        prompts = validate.prompts_tensor(tensors, self.bb.hidden_size)
+        task, split = validate.task_and_split(meta, self.limits.max_classes)
+        n_ex = len(split)
+        validate.count("prompts", prompts.shape[0], self.limits.max_prompts)
+        validate.count("texts", n_ex, self.limits.max_examples)
+        validate.count("prompt length", prompts.shape[-2], self.limits.max_prompt_length, allow_zero=True)
         if prompts.dim() == 4 and prompts.shape[1] != n_ex:
             raise APIError(422, f"paired prompts need one per example: {prompts.shape[1]} for {n_ex} texts", "prompts")
-        if not torch.isfinite(prompts).all():
-            raise APIError(422, "prompts hold NaN or Inf", "prompts")
+        return ScoresRequest(task, split, validate.perturb(meta.get("perturb")), prompts.float())
+
+    def scores(self, request: ScoresRequest) -> tuple[bytes, int]:
+        prompts = request.prompts
         with self.lock:
-            data = self._encoded(task, split, meta.get("perturb"))
-            self.bb._prepare_task(task)  # a cached encoding may belong to another task than the last request's
+            data = self._encoded(request)
+            self.bb._prepare_task(request.task)  # a cached encoding may belong to another task than the last one
             before = self.bb.counter.stats.tokens
             if prompts.dim() == 4:
-                out = self.bb.paired_logits(prompts.float(), data)
+                out = self.bb.paired_logits(prompts, data)
             else:
-                out = self.bb.logits(None if prompts.shape[1] == 0 else prompts.float(), data)
+                out = self.bb.logits(None if prompts.shape[1] == 0 else prompts, data)
             tokens = self.bb.counter.stats.tokens - before
         return pack({"scores": out.float().cpu()}), tokens
 
-    def features(self, body: bytes) -> bytes:
+    def parse_features(self, body: bytes) -> ScoresRequest:
+        _, meta = self._unpack(body)
+        task, split = validate.task_and_split(meta, self.limits.max_classes)
+        validate.count("texts", len(split), self.limits.max_examples)
+        return ScoresRequest(task, split, validate.perturb(meta.get("perturb")))
+
+    def features(self, request: ScoresRequest) -> bytes:
         """ZooPFL's features of the request's texts: what a local run computes from the embedding table."""
         from bbfl.methods.zoopfl.method import example_features  # lazy: the server needs ZooPFL only here
 
-        try:
-            _, meta = unpack(body)
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
-        task, split = _task_from_meta(meta)
-        self._check_count("texts", len(split), self.limits.max_examples)
         with self.lock:
             # encoded outside inference mode, as /v1/bbfl/scores does: the cached encoding is shared with it
-            data = self._encoded(task, split, meta.get("perturb"))
+            data = self._encoded(request)
             with torch.inference_mode():
                 out = example_features(self.bb, data)
         return pack({"features": out.float().cpu()})
 
-    def _encoded(self, task, split, perturb: dict | None):
-        key = hashlib.sha256(
-            json.dumps([{f: getattr(task, f) for f in TASK_FIELDS}, split.texts, split.text_pairs, perturb]).encode()
-        ).hexdigest()
+    @staticmethod
+    def _unpack(body: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+        try:
+            tensors, meta = unpack(body)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        return tensors, validate.request_meta(meta)
+
+    def _encoded(self, request: ScoresRequest):
+        task, split, perturb = request.task, request.split, request.perturb
+        spec = {f: getattr(task, f) for f in TASK_FIELDS}
+        perturbation = None if perturb is None else asdict(perturb)
+        key = hashlib.sha256(json.dumps([spec, split.texts, split.text_pairs, perturbation]).encode()).hexdigest()
         if key in self.encodings:
             self.encodings.move_to_end(key)
             return self.encodings[key]
         try:
             data = self.bb.encode(task, split)
-            if perturb:
-                data = self.bb.perturbed(data, float(perturb["rate"]), int(perturb["seed"]))
+            if perturb is not None:
+                data = self.bb.perturbed(data, perturb.rate, perturb.seed)
         except BBFLError as exc:
             raise APIError(422, str(exc)) from exc
         self.encodings[key] = data
@@ -243,9 +283,8 @@ class Server:
         return data
 
     def token_embeddings(self, payload: dict) -> bytes:
-        text, length = payload.get("text"), payload.get("length")
-        if not isinstance(text, str) or not isinstance(length, int) or not 1 <= length <= 4096:
-            raise APIError(422, f"need {{'text': str, 'length': 1..4096}}, got text={text!r}, length={length!r}")
+        text = validate.text(payload.get("text"), "text")
+        length = validate.integer(payload.get("length"), "length", 1, 4096)
         with self.lock:
             try:
                 emb = self.bb.token_embeddings(text, length)
@@ -255,7 +294,7 @@ class Server:
 
     def info(self) -> dict:
         return {
-            "model": self.bb.model_name,
+            "model": self.name,
             "head": self.bb.head,
             "prompt_attention": self.bb.prompt_attention,
             "hidden_size": self.bb.hidden_size,
@@ -267,11 +306,12 @@ class Server:
 
     # ------------------------------------------------------------------ OpenAI-compatible
     def embeddings(self, payload: dict) -> dict:
-        texts = _texts(payload.get("input"), "input")
-        self._check_count("input", len(texts), self.limits.max_examples)
+        texts = validate.texts(payload.get("input"), "input")
+        validate.count("input", len(texts), self.limits.max_examples)
         fmt = payload.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
-            raise APIError(422, f"encoding_format must be float or base64, got {fmt!r}", param="encoding_format")
+            got = validate.shown(fmt)
+            raise APIError(422, f"encoding_format must be float or base64, got {got}", "encoding_format")
         rows = self.embedding_batcher.submit(texts)
         vectors = [vector for vector, _ in rows]
         n_tokens = sum(count for _, count in rows)
@@ -301,10 +341,10 @@ class Server:
     def completions(self, payload: dict) -> dict:
         """One "generated" token per prompt (the next-token distribution), or with ``echo=true`` and
         ``max_tokens=0`` (causal LMs only) the log-probability of every token of each prompt."""
-        prompts = _texts(payload.get("prompt"), "prompt")
-        self._check_count("prompt", len(prompts), self.limits.max_examples)
-        k = _int(payload.get("logprobs"), "logprobs", 0, self.limits.max_top_logprobs, default=0)
-        if payload.get("echo"):
+        prompts = validate.texts(payload.get("prompt"), "prompt")
+        validate.count("prompt", len(prompts), self.limits.max_examples)
+        k = validate.integer(payload.get("logprobs"), "logprobs", 0, self.limits.max_top_logprobs, default=0)
+        if validate.flag(payload.get("echo"), "echo"):
             return self._echo_completions(payload, prompts, k)
         logp, n_tokens = self._next_token(prompts)
         choices = []
@@ -328,7 +368,7 @@ class Server:
         format: the first token has none), what lm-eval-style log-likelihood scoring reads."""
         bb = self.bb
         if bb.head != "causal":
-            raise APIError(400, f"echo needs a causal LM: {bb.model_name} is a {bb.head} model, which gives no "
+            raise APIError(400, f"echo needs a causal LM: {self.name} is a {bb.head} model, which gives no "
                            "left-to-right log-probabilities of a text's tokens", param="echo")  # fmt: skip
         max_tokens = payload.get("max_tokens")
         if isinstance(max_tokens, bool) or max_tokens != 0:  # False == 0 in Python, but it is no token count
@@ -387,15 +427,15 @@ class Server:
         messages = payload.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(422, "messages must be a non-empty list", param="messages")
-        if _int(payload.get("n"), "n", 1, 1, default=1) != 1:
-            raise APIError(422, "n must be 1", param="n")
-        text = "\n".join(_message_text(m) for m in messages)
-        k = _int(payload.get("top_logprobs"), "top_logprobs", 0, self.limits.max_top_logprobs, default=0)
+        validate.integer(payload.get("n"), "n", 1, 1, default=1)
+        text = "\n".join(validate.message_text(m, i) for i, m in enumerate(messages))
+        k = validate.integer(payload.get("top_logprobs"), "top_logprobs", 0, self.limits.max_top_logprobs, default=0)
+        want_logprobs = validate.flag(payload.get("logprobs"), "logprobs")
         logp, n_tokens = self._next_token([text])
         top = torch.topk(logp[0], max(k, 1))
         token = self._decode(int(top.indices[0]))
         logprobs = None
-        if payload.get("logprobs"):
+        if want_logprobs:
             entries = [_entry(self._decode(int(j)), float(v)) for v, j in zip(top.values[:k], top.indices[:k])]
             logprobs = {"content": [{**_entry(token, float(top.values[0])), "top_logprobs": entries}]}
         choice = {
@@ -410,7 +450,7 @@ class Server:
         """[N, V] log-probabilities of the token at the mask (MLM) or after the text (causal), and the token count."""
         bb = self.bb
         if bb.head == "encoder":
-            raise APIError(400, f"{bb.model_name} is a sentence encoder: it has no token distribution; "
+            raise APIError(400, f"{self.name} is a sentence encoder: it has no token distribution; "
                            "use /v1/embeddings or /v1/bbfl/scores")  # fmt: skip
         if bb.head == "mlm":
             mask = bb.tokenizer.mask_token
@@ -457,39 +497,7 @@ class Server:
         }
 
     def _model_id(self, payload: dict) -> str:
-        return str(payload.get("model") or self.bb.model_name)
-
-    @staticmethod
-    def _check_count(name: str, value: int, limit: int, allow_zero: bool = False) -> None:
-        if value > limit:
-            raise APIError(422, f"{name}: {value} items in one request > limit {limit}; split the request", name)
-        if value == 0 and not allow_zero:
-            raise APIError(422, f"{name}: empty", name)
-
-
-def _texts(value: Any, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise APIError(422, f"{name} must be a string or a list of strings (token arrays are not supported)", name)
-
-
-def _int(value: Any, name: str, lo: int, hi: int, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise APIError(422, f"{name} must be an integer in [{lo}, {hi}], got {value!r}", name)
-    return value
-
-
-def _message_text(message: Any) -> str:
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    raise APIError(422, "each message needs a string `content` (or a list of text parts)", "messages")
+        return payload.get("model") or self.name  # a string: checked with the body (read_json)
 
 
 def _entry(token: str, logprob: float) -> dict:
@@ -516,45 +524,95 @@ def _echo_tokens(tokenizer: Any, text: str, index: int, max_length: int) -> tupl
     return ids, [0] + [start for start, _ in spans[1:]]  # OpenAI: the first token starts the text, its spaces too
 
 
-def _task_from_meta(meta: dict):
-    from bbfl.data import Split, Task
-
-    spec, texts, pairs = meta.get("task"), meta.get("texts"), meta.get("text_pairs")
-    if not isinstance(spec, dict) or any(f not in spec for f in TASK_FIELDS):
-        raise APIError(422, f"metadata `bbfl.task` must hold {list(TASK_FIELDS)}", "task")
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise APIError(422, "metadata `bbfl.texts` must be a list of strings", "texts")
-    if pairs is not None and (not isinstance(pairs, list) or len(pairs) != len(texts)):
-        raise APIError(422, "metadata `bbfl.text_pairs` must be null or one string per text", "text_pairs")
-    task = Task(**{f: spec[f] for f in TASK_FIELDS}, loss="ce", train=Split([], np.zeros(0)))
-    return task, Split(texts, np.zeros(len(texts), dtype=np.int64), pairs)
-
-
 # ---------------------------------------------------------------------- the FastAPI app
+def public_model_name(model: str) -> str:
+    """The name /health, /v1/models and error messages show: a hub id as given, a local directory by its
+    last component (its absolute path tells a client about the server's file system, nothing about the model)."""
+    from pathlib import Path
+
+    from bbfl.blackbox import default_model_path
+
+    if model == default_model_path():
+        return DEFAULT_MODEL_NAME
+    path = Path(model)
+    return path.name if (path.is_absolute() or path.exists()) and path.name else model
+
+
+class CatchAll:
+    """ASGI wrapper answering an unexpected exception with a JSON 500 *without re-raising it*.
+
+    Starlette's ``exception_handler(Exception)`` re-raises after answering, and uvicorn then closes the
+    connection, resetting the client's next keep-alive request; a handled 500 leaves the connection usable.
+    Every known bad input is a 4xx before it gets here; this is the backstop that logs the traceback.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if scope["type"] != "http" or started:
+                raise  # too late for a clean answer: uvicorn closes the connection
+            LOG.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            await _json_response(500, f"internal error ({type(exc).__name__})", "server_error", None, send)
+
+
+async def _json_response(
+    status: int, message: str, kind: str, param: str | None, send: Callable, close: bool = False
+) -> None:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    raw = json.dumps(body, ensure_ascii=True).encode()  # ASCII: a lone surrogate in a message cannot break it
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    if close:  # the rest of the body may never come: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": raw})
+
+
 def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits | None = None):
     """The ASGI app serving ``blackbox``. ``token=None`` turns authentication off (the CLI asks for it)."""
+    import asyncio
+
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
 
     server = Server(blackbox, token, limits or ServeLimits())
     app = FastAPI(title="bbfl serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(CatchAll)
+    model_queue = asyncio.Lock()  # scores / features run one at a time, in arrival order (asyncio locks are FIFO)
+
+    class _Answer(Response):
+        """A JSON error sent as-is (ASCII, optional ``Connection: close``)."""
+
+        def __init__(self, exc: APIError) -> None:
+            super().__init__()
+            self.exc = exc
+
+        async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+            exc = self.exc
+            message = exc.message.replace(server.bb.model_name, server.name)  # e.g. a BBFLError naming the model
+            await _json_response(exc.status, message, exc.kind, exc.param, send, close=exc.status == 408)
 
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        body = {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}}
-        return JSONResponse(body, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        # a JSON 500 naming the error type; the message may quote input, the traceback stays in the server
-        body = {"error": {"message": f"internal error ({type(exc).__name__})", "type": "server_error", "code": 500}}
-        return JSONResponse(body, status_code=500)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return _Answer(exc)
 
     async def read(request: Request) -> bytes:
-        """Authenticate, then read the body without ever holding more than the size limit."""
+        """Authenticate, then read the body without ever holding more than the size limit, or waiting for it
+        longer than the body timeout."""
         if server.token is not None:
             given = request.headers.get("authorization", "")
             if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), server.token.encode())):
@@ -562,31 +620,62 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
         server.requests += 1
         limit = server.limits.max_request_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body of {int(declared)} bytes > limit {limit} bytes", "request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body over the limit of {limit} bytes", "request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        async def collect() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body over the limit of {limit} bytes", "request_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        timeout = server.limits.body_timeout_s
+        try:
+            return await asyncio.wait_for(collect(), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"request body not received within {timeout} s (--body-timeout)", "timeout") from None
 
     async def read_json(request: Request) -> dict:
-        body = await read(request)
-        try:
-            payload = json.loads(body)
-        except ValueError as exc:
-            raise APIError(400, f"body is not JSON: {exc}") from exc
-        if not isinstance(payload, dict):
-            raise APIError(400, "body must be a JSON object")
+        payload = validate.parse_json(await read(request))
+        if payload.get("model") is not None:  # echoed back in the response
+            validate.text(payload["model"], "model")
         return payload
+
+    async def in_turn(request: Request, work: Callable, job: ScoresRequest) -> Any:
+        """Run ``work(job)`` when the model queue reaches it, unless its client has gone by then: a backlog
+        of abandoned requests (timed-out clients) must not keep the model busy."""
+        async with model_queue:
+            if await request.is_disconnected():
+                server.abandoned += 1
+                raise APIError(499, "the client closed the connection before its turn; not scored", "client_closed")
+            return await run_in_threadpool(work, job)
+
+    async def batched(request: Request, work: Callable, payload: dict) -> Any:
+        """Run ``work(payload)`` (which queues on a Batcher) while watching for the client to disconnect: a
+        job still queued when it does is dropped (see :class:`Batcher`)."""
+        gone = threading.Event()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        context = CLIENT_GONE.set(gone)
+        try:
+            return await run_in_threadpool(work, payload)
+        finally:
+            CLIENT_GONE.reset(context)
+            watcher.cancel()
 
     @app.get("/health")
     async def health() -> dict:
         stats = server.bb.counter.stats.as_dict()
         batching = {
-            name: {"requests": b.jobs, "model_calls": b.calls}
+            name: {"requests": b.jobs, "model_calls": b.calls, "abandoned": b.abandoned}
             for name, b in (
                 ("embeddings", server.embedding_batcher),
                 ("next_token", server.next_token_batcher),
@@ -595,8 +684,9 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
         }
         return {
             "status": "ok",
-            "model": server.bb.model_name,
+            "model": server.name,
             "requests": server.requests,
+            "abandoned": server.abandoned,
             "served": stats,
             "batching": batching,
         }
@@ -609,18 +699,18 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         await read(request)
-        return {"object": "list", "data": [{"id": server.bb.model_name, "object": "model", "owned_by": "bbfl"}]}
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "owned_by": "bbfl"}]}
 
     @app.post("/v1/bbfl/scores")
     async def scores(request: Request) -> Response:
-        body = await read(request)
-        out, tokens = await run_in_threadpool(server.scores, body)
+        job = await run_in_threadpool(server.parse_scores, await read(request))
+        out, tokens = await in_turn(request, server.scores, job)
         return Response(out, media_type=SAFETENSORS, headers={"x-bbfl-tokens": str(tokens)})
 
     @app.post("/v1/bbfl/features")
     async def features(request: Request) -> Response:
-        body = await read(request)
-        return Response(await run_in_threadpool(server.features, body), media_type=SAFETENSORS)
+        job = await run_in_threadpool(server.parse_features, await read(request))
+        return Response(await in_turn(request, server.features, job), media_type=SAFETENSORS)
 
     @app.post("/v1/bbfl/token_embeddings")
     async def token_embeddings(request: Request) -> Response:
@@ -629,15 +719,15 @@ def create_app(blackbox: LocalBlackBox, token: str | None, limits: ServeLimits |
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
-        return await run_in_threadpool(server.embeddings, await read_json(request))
+        return await batched(request, server.embeddings, await read_json(request))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> dict:
-        return await run_in_threadpool(server.completions, await read_json(request))
+        return await batched(request, server.completions, await read_json(request))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> dict:
-        return await run_in_threadpool(server.chat, await read_json(request))
+        return await batched(request, server.chat, await read_json(request))
 
     return app
 
