@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -28,6 +29,31 @@ DTYPE = typer.Option("float32", help="float32, bfloat16 or float16 for the froze
 PROMPT_ATTENTION = typer.Option("auto", help="prefix (fast: prompt reads only itself), full, or auto.")
 MAX_LENGTH = typer.Option(128, help="Truncate examples to this many tokens.")
 OUT = typer.Option("runs", help="Parent folder of the run directory.")
+# data options every command that loads a task shares
+TEST_LIMIT = typer.Option(
+    None, help="Score a seeded, stratified random sample of N test examples (rows recorded in config.json)."
+)
+STRICT = typer.Option(False, "--strict", help="Refuse data files with empty texts (default: skip those rows, warn).")
+
+
+class _DataLogHandler(logging.Handler):
+    """Prints bbfl.data's lines (the task in use at each run's start, data warnings) on the console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        style = "yellow" if prefix else "dim"
+        console.print(prefix + record.getMessage(), style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def show_data_messages() -> None:
+    """Route the data layer's log lines (template, verbalizer, skipped rows, samples) to the console, once."""
+    logger = logging.getLogger("bbfl.data")
+    if not any(isinstance(h, _DataLogHandler) for h in logger.handlers):
+        logger.addHandler(_DataLogHandler())
+        logger.setLevel(logging.INFO)
+
+
+show_data_messages()
 
 
 def fail(exc: Exception) -> None:
