@@ -50,6 +50,20 @@ def test_word_lists_with_inferred_labels_are_refused_naming_the_fix(tmp_path):
         load_task("trec-csv", data_dir=tmp_path, spec_file=spec)
 
 
+def test_cli_names_the_fix_in_one_line_with_the_table_syntax_intact(tmp_path):
+    from typer.testing import CliRunner
+
+    from bbfl.cli import app
+
+    _trec_as_csv(tmp_path)
+    spec = tmp_path / "trec.toml"
+    spec.write_text('label_descriptions = ["a", "b", "c", "d", "e", "f"]\n')
+    args = ["bbt", "--task", "trec-csv", "--data-dir", str(tmp_path), "--spec", str(spec), "--budget", "20"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert '(`[label_descriptions]` then `ABBR = "..."`)' in result.output
+
+
 def test_word_and_description_tables_pair_with_classes_by_name(tmp_path):
     _trec_as_csv(tmp_path)
     spec = tmp_path / "trec.toml"

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(
@@ -58,7 +59,7 @@ show_data_messages()
 
 def fail(exc: Exception) -> None:
     """Print a bbfl error as one red line and exit with status 2 (no traceback for bad input)."""
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")  # messages quote TOML tables and paths: no markup
     raise typer.Exit(code=2)
 
 
