@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bbfl.blackbox import LocalBlackBox
-from bbfl.data import Split, Task, few_shot, load_task
+from bbfl.data import Split, Task, few_shot, limit_test, load_task
 from bbfl.data.sampling import holdout_per_client
 from bbfl.exceptions import DataError
 from bbfl.federation.engine import EngineConfig
@@ -36,8 +36,52 @@ class DataConfig:
     data_dir: str | None = None
     spec_file: str | None = None
     k_shot: int = 16
-    test_limit: int | None = None  # score only the first N test examples (fast smoke runs)
+    test_limit: int | None = None  # score a seeded, stratified sample of N test examples (fast runs)
     spec_overrides: dict[str, Any] = field(default_factory=dict)
+    strict: bool = False  # refuse data files with empty texts instead of skipping those rows
+
+
+_task_log = logging.getLogger("bbfl.data")
+
+
+def load_data_task(cfg: DataConfig) -> Task:
+    """The task ``cfg`` names; its template and verbalizer are logged (the CLI prints them at run start)."""
+    task = load_task(cfg.task, data_dir=cfg.data_dir, spec_file=cfg.spec_file, strict=cfg.strict, **cfg.spec_overrides)
+    _task_log.info(task.describe())
+    return task
+
+
+def scored_test(task: Task, cfg: DataConfig) -> Split:
+    """The test split a run scores: all of it or ``cfg.test_limit`` rows, seeded and stratified."""
+    if task.test is None:
+        raise DataError(f"task {task.name!r} has no test split; give a data dir with a test file")
+    return limit_test(task.test, cfg.test_limit, task.labels)
+
+
+def data_record(task: Task, test: Split) -> dict:
+    """What config.json keeps besides the data settings: the resolved task (so a run is re-scorable
+    when its spec file is gone) and the test rows a ``--test-limit`` sample took."""
+    return {
+        "resolved_task": task.spec_record(),
+        "test_rows": None if test.rows is None else test.rows.tolist(),
+    }
+
+
+def data_config_from_run(config: dict, cls: type[DataConfig] = DataConfig) -> DataConfig:
+    """A run's data settings from its config.json; when its spec file is gone, the task it recorded."""
+    cfg = cls(**{k: v for k, v in config["data"].items() if k in cls.__dataclass_fields__})
+    return with_recorded_task(cfg, config)
+
+
+def with_recorded_task(cfg: DataConfig, config: dict) -> DataConfig:
+    """``cfg`` reading the run's recorded task instead of its spec file, if that file no longer exists."""
+    recorded = config.get("resolved_task")
+    if cfg.spec_file is None or Path(cfg.spec_file).is_file() or not recorded:
+        return cfg
+    if cfg.spec_file != config["data"].get("spec_file"):
+        return cfg  # a different spec than the run's: load_task names the missing file
+    _task_log.warning("spec file %s not found: using the task recorded in the run's config.json", cfg.spec_file)
+    return replace(cfg, spec_file=None, spec_overrides={**recorded, **cfg.spec_overrides})
 
 
 @dataclass
@@ -82,11 +126,9 @@ class BlackBoxConfig:
 
 def prepare_data(cfg: DataConfig, seed: int) -> tuple[Task, Split, Split, Split]:
     """Load the task, draw BBT's true few-shot train/dev sets (k per class each) and the test split."""
-    task = load_task(cfg.task, data_dir=cfg.data_dir, spec_file=cfg.spec_file, **cfg.spec_overrides)
+    task = load_data_task(cfg)
+    test = scored_test(task, cfg)
     train, dev = few_shot(task.train, cfg.k_shot, seed=seed)
-    if task.test is None:
-        raise DataError(f"task {task.name!r} has no test split; give a data dir with a test file")
-    test = task.test if cfg.test_limit is None else task.test.head(cfg.test_limit)
     return task, train, dev, test
 
 
@@ -108,7 +150,7 @@ def run_bbt_experiment(
     if resume is not None:
         run = RunDir.open(resume)
         saved = run.config
-        data_cfg = DataConfig(**saved["data"])
+        data_cfg = data_config_from_run(saved)
         bbt_cfg = BBTConfig(**saved["bbt"])
         bb_cfg = BlackBoxConfig.from_saved(saved["blackbox"])
         whitebox = PromptTuningConfig(**saved["whitebox"]) if saved.get("whitebox") else None
@@ -122,6 +164,7 @@ def run_bbt_experiment(
             "blackbox": bb_cfg.record(blackbox),
             "whitebox": whitebox.to_dict() if whitebox else None,
             "sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
+            **data_record(task, test),
         }
         run = RunDir.create(out_root, f"bbt-{task.name}", config)
     checkpoint = run.path / "checkpoint.safetensors"
@@ -227,13 +270,11 @@ def evaluate_run(run_path: str | Path, data_cfg: DataConfig | None = None) -> di
 
     run = RunDir.open(run_path)
     config = run.config
-    data_cfg = data_cfg or DataConfig(**config["data"])
+    data_cfg = data_config_from_run(config) if data_cfg is None else with_recorded_task(data_cfg, config)
     bb_cfg = BlackBoxConfig.from_saved(config["blackbox"])
     arrays, _ = load_arrays(run.path / "prompt.safetensors")
-    task = load_task(data_cfg.task, data_dir=data_cfg.data_dir, spec_file=data_cfg.spec_file, **data_cfg.spec_overrides)
-    if task.test is None:
-        raise DataError(f"task {task.name!r} has no test split")
-    test = task.test if data_cfg.test_limit is None else task.test.head(data_cfg.test_limit)
+    task = load_data_task(data_cfg)
+    test = scored_test(task, data_cfg)
     blackbox = bb_cfg.build()
     import torch
 
@@ -257,7 +298,8 @@ def prepare_federated_data(cfg: FederatedDataConfig, seed: int) -> tuple[Task, l
     """Task, one train split per client, and the (global) test split."""
     from bbfl.federation import partition_labels
 
-    task = load_task(cfg.task, data_dir=cfg.data_dir, spec_file=cfg.spec_file, **cfg.spec_overrides)
+    task = load_data_task(cfg)
+    test = scored_test(task, cfg)
     pool, _ = few_shot(task.train, cfg.k_shot, seed=seed, dev_k=0)
     parts = partition_labels(
         pool.labels,
@@ -268,9 +310,6 @@ def prepare_federated_data(cfg: FederatedDataConfig, seed: int) -> tuple[Task, l
         seed=seed,
         min_size=cfg.min_client_size,
     )
-    if task.test is None:
-        raise DataError(f"task {task.name!r} has no test split; give a data dir with a test file")
-    test = task.test if cfg.test_limit is None else task.test.head(cfg.test_limit)
     return task, [pool.subset(p) for p in parts], test
 
 
@@ -288,7 +327,7 @@ def run_fedbpt_experiment(
     if resume is not None:
         run = RunDir.open(resume)
         saved = run.config
-        data_cfg = FederatedDataConfig(**saved["data"])
+        data_cfg = data_config_from_run(saved, FederatedDataConfig)
         fed_cfg, engine_cfg = FedBPTConfig(**saved["fedbpt"]), EngineConfig(**saved["engine"])
         bb_cfg = BlackBoxConfig.from_saved(saved["blackbox"])
     task, client_splits, test = prepare_federated_data(data_cfg, fed_cfg.seed)
@@ -301,6 +340,7 @@ def run_fedbpt_experiment(
             "engine": asdict(engine_cfg),
             "blackbox": bb_cfg.record(blackbox),
             "client_sizes": [len(s) for s in client_splits],
+            **data_record(task, test),
         }
         run = RunDir.create(out_root, f"fedbpt-{task.name}", config)
         _warn_if_rank_weights_favour_small_clients(fed_cfg.aggregation, config["client_sizes"])
@@ -376,16 +416,16 @@ def build_federated_method(config: dict) -> tuple[FederatedMethod, EngineConfig]
         return _fedone_from_config(config)
     engine_cfg, bb_cfg = EngineConfig(**config["engine"]), BlackBoxConfig.from_saved(config["blackbox"])
     if config.get("method") == "fedbpt":
-        data_cfg, fed_cfg = FederatedDataConfig(**config["data"]), FedBPTConfig(**config["fedbpt"])
+        data_cfg, fed_cfg = data_config_from_run(config, FederatedDataConfig), FedBPTConfig(**config["fedbpt"])
         task, splits, test = prepare_federated_data(data_cfg, fed_cfg.seed)
         return _fedbpt_method(fed_cfg, engine_cfg, bb_cfg.build(), task, splits, test), engine_cfg
     if config.get("method") == "zoopfl":
-        data_cfg, zoo_cfg = PersonalDataConfig(**config["data"]), ZooPFLConfig(**config["zoopfl"])
+        data_cfg, zoo_cfg = data_config_from_run(config, PersonalDataConfig), ZooPFLConfig(**config["zoopfl"])
         task, trains, tests, test = prepare_personal_data(data_cfg, zoo_cfg.seed)
         return _zoopfl_method(zoo_cfg, bb_cfg.build(), task, trains, tests, test), engine_cfg
     if config.get("method") in FORWARD_METHODS:
         name = config["method"]
-        data_cfg, cfg = FederatedDataConfig(**config["data"]), _forward_config(name, config[name])
+        data_cfg, cfg = data_config_from_run(config, FederatedDataConfig), _forward_config(name, config[name])
         task, splits, test = prepare_federated_data(data_cfg, cfg.seed)
         blackbox = _forward_blackbox(bb_cfg, cfg.peft).build()
         return _forward_method(name, cfg, engine_cfg, blackbox, task, splits, test), engine_cfg
@@ -440,7 +480,7 @@ def run_zoopfl_experiment(
     if resume is not None:
         run = RunDir.open(resume)
         saved = run.config
-        data_cfg, zoo_cfg = PersonalDataConfig(**saved["data"]), ZooPFLConfig(**saved["zoopfl"])
+        data_cfg, zoo_cfg = data_config_from_run(saved, PersonalDataConfig), ZooPFLConfig(**saved["zoopfl"])
         engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
     task, trains, tests, test = prepare_personal_data(data_cfg, zoo_cfg.seed)
     blackbox = bb_cfg.build()
@@ -452,6 +492,7 @@ def run_zoopfl_experiment(
             "engine": asdict(engine_cfg),
             "blackbox": bb_cfg.record(blackbox),
             "client_sizes": [[len(a), len(b)] for a, b in zip(trains, tests)],
+            **data_record(task, test),
         }
         run = RunDir.create(out_root, f"zoopfl-{task.name}", config)
     method = _zoopfl_method(zoo_cfg, blackbox, task, trains, tests, test)
@@ -518,6 +559,7 @@ def run_fedbpt_personal_experiment(
         "blackbox": bb_cfg.record(blackbox),
         "remap": remap_cfg.to_dict() if remap_cfg is not None else None,
         "client_sizes": [[len(a), len(b)] for a, b in zip(trains, tests)],
+        **data_record(task, test),
     }
     run = RunDir.create(out_root, f"fedbpt-personal-{task.name}", config)
     method = _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, trains, test)
@@ -601,7 +643,7 @@ def run_forward_experiment(
     if resume is not None:
         run = RunDir.open(resume)
         saved = run.config
-        data_cfg, method_cfg = FederatedDataConfig(**saved["data"]), _forward_config(name, saved[name])
+        data_cfg, method_cfg = data_config_from_run(saved, FederatedDataConfig), _forward_config(name, saved[name])
         engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
     bb_cfg = _forward_blackbox(bb_cfg, method_cfg.peft)
     task, client_splits, test = prepare_federated_data(data_cfg, method_cfg.seed)
@@ -614,6 +656,7 @@ def run_forward_experiment(
             "engine": asdict(engine_cfg),
             "blackbox": bb_cfg.record(blackbox),
             "client_sizes": [len(s) for s in client_splits],
+            **data_record(task, test),
         }
         run = RunDir.create(out_root, f"{name}-{task.name}", config)
     method = _forward_method(name, method_cfg, engine_cfg, blackbox, task, client_splits, test)
@@ -685,7 +728,7 @@ def _fedone_from_config(config: dict) -> tuple[FederatedMethod, EngineConfig]:
     from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab
 
     engine_cfg = EngineConfig(**config["engine"])
-    data_cfg, cfg = FederatedDataConfig(**config["data"]), BDPLConfig(**config["bdpl"])
+    data_cfg, cfg = data_config_from_run(config, FederatedDataConfig), BDPLConfig(**config["bdpl"])
     _check_fedone_budget(cfg, engine_cfg, data_cfg.num_clients, int(config["blackbox"]["budget"]))
     task, splits, test = prepare_federated_data(data_cfg, cfg.seed)
     if any(len(s) == 0 for s in splits):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(
@@ -28,11 +30,36 @@ DTYPE = typer.Option("float32", help="float32, bfloat16 or float16 for the froze
 PROMPT_ATTENTION = typer.Option("auto", help="prefix (fast: prompt reads only itself), full, or auto.")
 MAX_LENGTH = typer.Option(128, help="Truncate examples to this many tokens.")
 OUT = typer.Option("runs", help="Parent folder of the run directory.")
+# data options every command that loads a task shares
+TEST_LIMIT = typer.Option(
+    None, help="Score a seeded, stratified random sample of N test examples (rows recorded in config.json)."
+)
+STRICT = typer.Option(False, "--strict", help="Refuse data files with empty texts (default: skip those rows, warn).")
+
+
+class _DataLogHandler(logging.Handler):
+    """Prints bbfl.data's lines (the task in use at each run's start, data warnings) on the console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        style = "yellow" if prefix else "dim"
+        console.print(prefix + record.getMessage(), style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def show_data_messages() -> None:
+    """Route the data layer's log lines (template, verbalizer, skipped rows, samples) to the console, once."""
+    logger = logging.getLogger("bbfl.data")
+    if not any(isinstance(h, _DataLogHandler) for h in logger.handlers):
+        logger.addHandler(_DataLogHandler())
+        logger.setLevel(logging.INFO)
+
+
+show_data_messages()
 
 
 def fail(exc: Exception) -> None:
     """Print a bbfl error as one red line and exit with status 2 (no traceback for bad input)."""
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")  # messages quote TOML tables and paths: no markup
     raise typer.Exit(code=2)
 
 

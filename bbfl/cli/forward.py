@@ -13,6 +13,8 @@ from bbfl.cli._app import (
     MAX_LENGTH,
     MODEL,
     OUT,
+    STRICT,
+    TEST_LIMIT,
     app,
     console,
     fail,
@@ -23,7 +25,7 @@ from bbfl.exceptions import BBFLError
 TASK = typer.Option("demo", help="Task name (see `bbfl tasks`) or a custom name with --data-dir.")
 DATA_DIR = typer.Option(None, help="Folder with train/test files; default $BBFL_DATA_DIR or the hub.")
 K_SHOT = typer.Option(40, help="Examples per class over all clients.")
-TEST_LIMIT = typer.Option(None, help="Score only the first N test examples each round.")
+SPEC = typer.Option(None, help="TOML task spec for custom data (labels, template, words).")
 CLIENTS = typer.Option(10, help="Number of clients.")
 PER_ROUND = typer.Option(None, help="Clients sampled per round (default: all).")
 ROUNDS = typer.Option(20, help="Communication rounds.")
@@ -95,7 +97,9 @@ def fwdllm(
     task: str = TASK,
     data_dir: str | None = DATA_DIR,
     k_shot: int = K_SHOT,
+    spec: str | None = SPEC,
     test_limit: int | None = TEST_LIMIT,
+    strict: bool = STRICT,
     clients: int = CLIENTS,
     clients_per_round: int | None = PER_ROUND,
     rounds: int = ROUNDS,
@@ -137,8 +141,10 @@ def fwdllm(
         data_cfg = FederatedDataConfig(
             task=task,
             data_dir=data_dir,
+            spec_file=spec,
             k_shot=k_shot,
             test_limit=test_limit,
+            strict=strict,
             num_clients=clients,
             partition=partition,
             alpha=alpha,
@@ -173,7 +179,9 @@ def fedkseed(
     task: str = TASK,
     data_dir: str | None = DATA_DIR,
     k_shot: int = K_SHOT,
+    spec: str | None = SPEC,
     test_limit: int | None = TEST_LIMIT,
+    strict: bool = STRICT,
     clients: int = CLIENTS,
     clients_per_round: int | None = PER_ROUND,
     rounds: int = ROUNDS,
@@ -206,8 +214,10 @@ def fedkseed(
         data_cfg = FederatedDataConfig(
             task=task,
             data_dir=data_dir,
+            spec_file=spec,
             k_shot=k_shot,
             test_limit=test_limit,
+            strict=strict,
             num_clients=clients,
             partition=partition,
             alpha=alpha,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from bbfl.cli._app import app, console, fail
+from bbfl.cli._app import TEST_LIMIT, app, console, fail
 from bbfl.exceptions import BBFLError
 
 
@@ -29,7 +29,7 @@ def eval_(
     task: str | None = typer.Option(None, help="Task to score on (default: the run's own)."),
     data_dir: str | None = typer.Option(None, help="Folder with the task's files."),
     spec: str | None = typer.Option(None, help="TOML task spec for custom data."),
-    test_limit: int | None = typer.Option(None, help="Score only the first N test examples."),
+    test_limit: int | None = TEST_LIMIT,
 ) -> None:
     """Re-score a saved prompt on a task's test split."""
     from bbfl.pipeline import DataConfig, evaluate_run

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import typer
 
-from bbfl.cli._app import DEVICE, DTYPE, HEAD, MAX_LENGTH, MODEL, OUT, app, console, fail, progress_bar
+from bbfl.cli._app import (
+    DEVICE,
+    DTYPE,
+    HEAD,
+    MAX_LENGTH,
+    MODEL,
+    OUT,
+    STRICT,
+    TEST_LIMIT,
+    app,
+    console,
+    fail,
+    progress_bar,
+)
 from bbfl.exceptions import BBFLError
 
 
@@ -15,7 +28,8 @@ def zoopfl(
     spec: str | None = typer.Option(None, help="TOML task spec for custom data."),
     k_shot: int = typer.Option(40, help="Examples per class over all clients (before each client's hold-out)."),
     client_test_fraction: float = typer.Option(0.3, help="Share of each client's data kept as its own test split."),
-    test_limit: int | None = typer.Option(None, help="Score only the first N global test examples."),
+    test_limit: int | None = TEST_LIMIT,
+    strict: bool = STRICT,
     clients: int = typer.Option(10, help="Number of clients."),
     clients_per_round: int | None = typer.Option(None, help="Clients sampled per round (default: all)."),
     rounds: int = typer.Option(10, help="Communication rounds."),
@@ -57,6 +71,7 @@ def zoopfl(
             spec_file=spec,
             k_shot=k_shot,
             test_limit=test_limit,
+            strict=strict,
             num_clients=clients,
             partition=partition,
             alpha=alpha,

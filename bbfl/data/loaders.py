@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import os
 from importlib import resources
 from pathlib import Path
@@ -17,6 +19,8 @@ from bbfl.data.task import Split, Task
 from bbfl.exceptions import DataError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+DEFAULT_TEMPLATE = "{text} . {mask} ."
+_log = logging.getLogger("bbfl.data")
 SPEC_KEYS = {
     "labels",
     "label_words",
@@ -30,10 +34,32 @@ SPEC_KEYS = {
 }
 
 
+def read_text(path: str | Path) -> str:
+    """A file's text as UTF-8 (a BOM, as Excel writes, is dropped); anything else is a DataError with the offset."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # offsets count from after a BOM
+        raise DataError(
+            f"{path}: not UTF-8 text: byte {data[offset : offset + 1]!r} at byte offset {offset} cannot be decoded; "
+            "expected UTF-8 (re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+        ) from exc
+
+
 def read_records(
-    path: str | Path, *, text_col: str = "text", pair_col: str | None = None, label_col: str = "label"
+    path: str | Path,
+    *,
+    text_col: str = "text",
+    pair_col: str | None = None,
+    label_col: str = "label",
+    strict: bool = False,
 ) -> list[dict]:
-    """Rows of a data file as ``{"text", "label"[, "text_pair"]}`` dicts, checked for the columns."""
+    """Rows of a data file as ``{"text", "label"[, "text_pair"]}`` dicts, checked for the columns.
+
+    Rows whose text is empty or whitespace only are skipped with a warning giving their count and
+    first row numbers (CR's files hold three); ``strict`` refuses the file instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -46,22 +72,39 @@ def read_records(
     missing = [c for c in wanted if c not in rows[0]]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; columns found: {sorted(rows[0])}")
-    out = []
+    out, blank = [], []
     for i, row in enumerate(rows, 1):
         text = row.get(text_col)
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path}: row {i} has an empty or non-text {text_col!r}: {text!r}")
+        if text is None or (isinstance(text, str) and not text.strip()):
+            if strict:
+                raise DataError(f"{path}: row {i} has an empty {text_col!r}: {text!r} (without --strict it is skipped)")
+            blank.append(i)
+            continue
+        if not isinstance(text, str):
+            raise DataError(f"{path}: row {i} has a non-text {text_col!r}: {text!r}")
         rec = {"text": text, "label": row.get(label_col)}
         if pair_col:
             rec["text_pair"] = str(row.get(pair_col) or "")
         out.append(rec)
+    if blank:
+        first = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        _log.warning(
+            "%s: skipped %d row(s) with an empty %r (rows %s); --strict refuses such files",
+            path,
+            len(blank),
+            text_col,
+            first,
+        )
+    if not out:
+        raise DataError(f"{path}: every row has an empty {text_col!r}")
     return out
 
 
 def _read_rows(path: Path) -> list[dict]:
+    text = read_text(path)
     if path.suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -73,14 +116,13 @@ def _read_rows(path: Path) -> list[dict]:
         return rows
     if path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8") or "[]")
+            rows = json.loads(text or "[]")
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc.msg})") from exc
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
         return rows
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
 
 
 def records_to_split(records: list[dict], labels: list[str], path: str | Path) -> Split:
@@ -112,6 +154,7 @@ def load_task(
     data_dir: str | Path | None = None,
     spec: TaskSpec | None = None,
     spec_file: str | Path | None = None,
+    strict: bool = False,
     **overrides: Any,
 ) -> Task:
     """Build a :class:`Task` from a known name, local files, the bundled demo or the hub.
@@ -119,6 +162,8 @@ def load_task(
     ``data_dir`` (or ``$BBFL_DATA_DIR``) holds ``train.*``, optional ``test.*`` and ``labels.json``.
     A name that is not registered needs ``data_dir``; ``spec_file`` (TOML) and ``overrides`` set
     labels, label_words, label_descriptions, template, encoder_template, loss and column names.
+    ``label_words`` / ``label_descriptions`` are lists in the order of ``labels`` or tables keyed by
+    class name. ``strict`` refuses files with empty texts instead of skipping those rows.
     """
     name = name or "demo"
     fields = _spec_fields(name, spec, spec_file, overrides)
@@ -129,7 +174,7 @@ def load_task(
     }
     folder = _resolve_dir(name, data_dir)
     if folder is not None:
-        train_rec, test_rec, file_labels = _read_folder(folder, cols)
+        train_rec, test_rec, file_labels = _read_folder(folder, cols, strict)
         source = folder
     elif name == "demo":
         pkg = resources.files("bbfl.data")
@@ -140,13 +185,54 @@ def load_task(
         return _load_from_hub(TASKS[name], fields)
     else:
         raise DataError(f"unknown task {name!r} and no --data-dir; known tasks: {', '.join(TASKS)}")
-    labels = fields.get("labels") or file_labels or _infer_labels(train_rec, source)
-    fields["labels"] = list(labels)
-    _fill_defaults(fields)
+    given = fields.get("labels") or file_labels
+    fields["labels"] = list(given or _infer_labels(train_rec, source))
+    _pair_with_labels(fields, source, inferred_by_name=not given and not _are_indices(fields["labels"]))
+    defaulted = _fill_defaults(fields)
     _validate(fields, source)
+    if defaulted:
+        _log.warning(
+            "task %r: no %s given (no --spec or a spec without them): using %s; zero-shot and tuned accuracy "
+            "depend on them: give a TOML spec (--spec) with template, label_words and label_descriptions",
+            name,
+            " / ".join(defaulted),
+            "; ".join(f"{k} = {fields[k]!r}" for k in defaulted),
+        )
     train = records_to_split(train_rec, fields["labels"], source / "train")
     test = records_to_split(test_rec, fields["labels"], source / "test") if test_rec else None
-    return Task(name=name, train=train, test=test, **fields)
+    return Task(name=name, train=train, test=test, columns=cols, defaulted=defaulted, **fields)
+
+
+def _are_indices(labels: list[str]) -> bool:
+    return all(x.lstrip("-").isdigit() for x in labels)
+
+
+def _pair_with_labels(fields: dict, source: Path, *, inferred_by_name: bool) -> None:
+    """Turn label_words / label_descriptions tables into lists in class order; refuse ambiguous lists.
+
+    A list pairs with the classes by position. When the class names were inferred from string labels
+    (sorted alphabetically), that order is an accident of the names: TREC's DESC, ENTY, ABBR, ...
+    became ABBR, DESC, ... and ABBR got DESC's description. So a list then needs ``labels``.
+    """
+    labels = fields["labels"]
+    for key in ("label_words", "label_descriptions"):
+        value = fields.get(key)
+        if isinstance(value, dict):
+            missing = [x for x in labels if x not in value]
+            unknown = [x for x in value if x not in labels]
+            if missing or unknown:
+                raise DataError(
+                    f"{source}: the {key} table should name each class {labels} once; "
+                    f"missing {missing}, unknown {unknown}"
+                )
+            fields[key] = [value[x] for x in labels]
+        elif value is not None and inferred_by_name:
+            raise DataError(
+                f"{source}: {key} is a list {value} but no `labels` were given, so the classes were inferred "
+                f"from the data in alphabetical order {labels}, which need not be the list's order. Add "
+                f"`labels = [...]` in the order of {key} to the spec, or give {key} as a table by class name "
+                f'(`[{key}]` then `{labels[0]} = "..."`)'
+            )
 
 
 def _spec_fields(name, spec, spec_file, overrides) -> dict:
@@ -165,7 +251,7 @@ def _spec_fields(name, spec, spec_file, overrides) -> dict:
         if not path.is_file():
             raise DataError(f"{path}: task spec file not found")
         try:
-            loaded = tomllib.loads(path.read_text(encoding="utf-8"))
+            loaded = tomllib.loads(read_text(path))
         except tomllib.TOMLDecodeError as exc:
             raise DataError(f"{path}: not valid TOML ({exc})") from exc
         unknown = set(loaded) - SPEC_KEYS
@@ -198,20 +284,29 @@ def _find(folder: Path, stem: str) -> Path | None:
     return found[0] if found else None
 
 
-def _read_folder(folder: Path, cols: dict) -> tuple[list[dict], list[dict] | None, list[str] | None]:
+def _read_folder(
+    folder: Path, cols: dict, strict: bool = False
+) -> tuple[list[dict], list[dict] | None, list[str] | None]:
     train = _find(folder, "train")
     if train is None:
         raise DataError(f"{folder}: no train file; expected one of " + ", ".join(f"train{s}" for s in SUFFIXES))
     pair_col = cols["pair_col"]
     if pair_col == "text_pair" and train.suffix == ".jsonl":
-        first = json.loads(train.open(encoding="utf-8").readline() or "{}")
-        pair_col = pair_col if "text_pair" in first else None
-    kw = dict(text_col=cols["text_col"], pair_col=pair_col, label_col=cols["label_col"])
+        with train.open(encoding="utf-8-sig", errors="replace") as f:  # bad bytes are named by read_records
+            first = f.readline()
+        try:
+            pair_col = pair_col if "text_pair" in json.loads(first or "{}") else None
+        except json.JSONDecodeError:
+            pass  # read_records names the line
+    kw = dict(text_col=cols["text_col"], pair_col=pair_col, label_col=cols["label_col"], strict=strict)
     test = _find(folder, "test")
     labels_file = folder / "labels.json"
     labels = None
     if labels_file.is_file():
-        labels = json.loads(labels_file.read_text(encoding="utf-8"))
+        try:
+            labels = json.loads(read_text(labels_file))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{labels_file}: not valid JSON ({exc.msg}); expected a list of class names") from exc
         if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
             raise DataError(f"{labels_file}: expected a JSON list of class names, got {labels!r}")
     return read_records(train, **kw), (read_records(test, **kw) if test else None), labels
@@ -230,18 +325,24 @@ def _infer_labels(records: list[dict], source: Path) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def _fill_defaults(fields: dict) -> None:
+def _fill_defaults(fields: dict) -> list[str]:
+    """Fill what the spec left out; returns the keys whose defaults change what the model reads."""
+    defaulted = [k for k in ("template", "label_words", "label_descriptions") if k not in fields]
     fields.setdefault("label_words", list(fields["labels"]))
     fields.setdefault("label_descriptions", list(fields["labels"]))
-    fields.setdefault("template", "{text} . {mask} .")
+    fields.setdefault("template", DEFAULT_TEMPLATE)
     fields.setdefault("encoder_template", "{text}")
     fields.setdefault("loss", "ce")
+    return defaulted
 
 
 def _validate(fields: dict, source: Path) -> None:
     n = len(fields["labels"])
-    for key in ("label_words", "label_descriptions"):
-        if len(fields[key]) != n:
+    for key in ("labels", "label_words", "label_descriptions"):
+        value = fields[key]
+        if not isinstance(value, list) or not all(isinstance(x, str) and x.strip() for x in value):
+            raise DataError(f"{source}: {key} should be a list of non-empty strings, got {value!r}")
+        if len(value) != n:
             raise DataError(
                 f"{source}: {key} has {len(fields[key])} entries {fields[key]} but there are {n} "
                 f"classes {fields['labels']}"
@@ -276,4 +377,5 @@ def _load_from_hub(spec: TaskSpec, fields: dict) -> Task:
         return Split(list(part[c["text"]]), np.array(part[c["label"]]), pairs)
 
     fields = {k: v for k, v in fields.items() if k not in ("text_col", "pair_col", "label_col")}
+    _pair_with_labels(fields, Path(spec.name), inferred_by_name=False)
     return Task(name=spec.name, train=to_split(ds["train"]), test=to_split(ds[spec.hub_test_split]), **fields)

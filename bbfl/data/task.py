@@ -16,6 +16,8 @@ class Split:
     texts: list[str]
     labels: np.ndarray
     text_pairs: list[str] | None = None
+    # for a sample of a loaded split (``--test-limit``): the rows it took, recorded in config.json
+    rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -53,6 +55,30 @@ class Task:
     train: Split
     test: Split | None = None
     description: str = field(default="")
+    columns: dict[str, str | None] = field(default_factory=dict)  # text_col / pair_col / label_col read
+    defaulted: list[str] = field(default_factory=list)  # spec keys no spec gave (filled with defaults)
+
+    SPEC_KEYS = ("labels", "label_words", "label_descriptions", "template", "encoder_template", "loss")
+
+    def spec_record(self) -> dict:
+        """The resolved spec (classes, template, words, descriptions, loss, columns) for config.json.
+
+        ``load_task(name, data_dir=..., **record)`` rebuilds this task without the spec file.
+        """
+        record = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items() if k in self.SPEC_KEYS}
+        return {**record, **{k: v for k, v in self.columns.items() if v is not None}}
+
+    def describe(self) -> str:
+        """What the model reads: the template and the verbalizer, one line per class (printed at run start)."""
+        mark = {k: " (default: no spec gave it)" if k in self.defaulted else "" for k in self.SPEC_KEYS}
+        lines = [
+            f"task {self.name}: {self.num_classes} classes, template {self.template!r}{mark['template']}, "
+            f"encoder template {self.encoder_template!r}",
+            f"  class -> label word{mark['label_words']} | description{mark['label_descriptions']}",
+        ]
+        for label, word, desc in zip(self.labels, self.label_words, self.label_descriptions):
+            lines.append(f"  {label} -> {word!r} | {desc!r}")
+        return "\n".join(lines)
 
     @property
     def num_classes(self) -> int:
