@@ -202,3 +202,10 @@ def test_fedbpt_ctrl_c_says_how_to_resume_resume_says_what_it_runs_and_a_finishe
     again = runner.invoke(app, ["fedbpt", "--resume", str(run_dir)])
     assert again.exit_code == 0 and "already finished" in again.output, again.output
     assert _files(run_dir) == before
+
+
+def test_flag_names_rewrite_only_real_flags():
+    from bbfl.cli._app import flag_names
+
+    message = "`num_clients` must be >= 1; `transport_dtype` bad; `flwr` not found; `pip install 'bbfl[hub]'`"
+    assert flag_names(message) == "--clients must be >= 1; --transport bad; `flwr` not found; `pip install 'bbfl[hub]'`"

@@ -61,9 +61,25 @@ FLAG_NAMES = {
 }
 
 
+def _all_flags() -> set[str]:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return {opt for cmd in group.commands.values() for p in cmd.params for opt in getattr(p, "opts", [])}
+
+
 def flag_names(message: str) -> str:
-    """Config errors name dataclass fields in backticks (`num_clients`); on the command line they are flags."""
-    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: FLAG_NAMES.get(m[1], "--" + m[1].replace("_", "-")), message)
+    """Config errors name dataclass fields in backticks (`num_clients`); on the command line they are flags.
+
+    Only names that are a flag of some command are rewritten (`flwr`, a tool's name, stays as it is).
+    """
+    flags = _all_flags()
+
+    def flag(match: re.Match) -> str:
+        name = FLAG_NAMES.get(match[1], "--" + match[1].replace("_", "-"))
+        return name if name in flags else match[0]
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
 
 
 def fail(exc: Exception) -> None:
