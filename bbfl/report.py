@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bbfl.exceptions import ConfigError
+from bbfl.exceptions import CheckpointError, ConfigError
 from bbfl.io import _json_default, atomic_write_bytes, atomic_write_json, load_arrays, load_json, save_arrays
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "load_arrays", "save_arrays", "summary_table"]
@@ -50,7 +50,10 @@ class RunDir:
 
     @property
     def config(self) -> dict:
-        return load_json(self.path / "config.json")  # a truncated file: CheckpointError naming it
+        config = load_json(self.path / "config.json")  # a truncated file: CheckpointError naming it
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{self.path / 'config.json'} holds a {type(config).__name__}, not a JSON object")
+        return config
 
     def rewrite_metrics(self, records: list[Mapping[str, Any]]) -> None:
         """Replace metrics.jsonl atomically (used when a resumed run rebuilds its history)."""
@@ -79,34 +82,76 @@ class RunDir:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.path / "summary.json", dict(summary))
 
-    def plot(self, x: str, ys: Iterable[str], filename: str, title: str = "", where: str | None = None) -> Path | None:
-        """Line plot of metrics ``ys`` against ``x`` (records lacking a key are skipped)."""
+    @property
+    def finished(self) -> bool:
+        """A run is finished once its summary.json is written (the last thing every command writes)."""
+        return (self.path / "summary.json").is_file()
+
+    def plot(
+        self,
+        x: str,
+        ys: Iterable[str],
+        filename: str,
+        title: str = "",
+        where: str | None = None,
+        ylabel: str | None = None,
+        references: Mapping[str, float] | None = None,
+        x_from: float | None = None,
+    ) -> Path | None:
+        """Line plot of metrics ``ys`` against ``x`` saved as ``filename`` (see :meth:`figure`); None if empty."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure(x, ys, title, where, ylabel, references, x_from)
+        if fig is None:
+            return None
+        out = self.path / filename
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+    def figure(
+        self,
+        x: str,
+        ys: Iterable[str],
+        title: str = "",
+        where: str | None = None,
+        ylabel: str | None = None,
+        references: Mapping[str, float] | None = None,
+        x_from: float | None = None,
+    ):
+        """The matplotlib figure of metrics ``ys`` against ``x`` (records lacking a key are skipped).
+
+        ``references`` draws labelled horizontal lines (e.g. the zero-shot accuracy); ``x_from`` drops
+        points with a smaller x (round 0 sends no bytes: it is no point on a bytes-per-round curve).
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        ys = list(ys)
         records = [r for r in self.metrics() if where is None or r.get("phase") == where]
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = False
         for y in ys:
             points = [(r[x], r[y]) for r in records if x in r and isinstance(r.get(y), (int, float))]
-            points = [p for p in points if math.isfinite(p[1])]
+            points = [p for p in points if math.isfinite(p[1]) and (x_from is None or p[0] >= x_from)]
             if points:
                 ax.plot(*zip(*points), label=y, marker="." if len(points) < 50 else None)
                 drawn = True
         if not drawn:
             plt.close(fig)
             return None
+        for i, (label, value) in enumerate((references or {}).items()):
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                ax.axhline(value, color=f"C{7 + i}", linestyle="--", linewidth=1, label=f"{label} {value:.3f}")
         ax.set_xlabel(x)
+        ax.set_ylabel(ylabel or (ys[0] if len(ys) == 1 else "value"))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        out = self.path / filename
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        return fig
 
 
 def summary_table(rows: list[Mapping[str, Any]], title: str):

@@ -1,4 +1,6 @@
-"""Kill a BBT or FedBPT run for real (SIGKILL), resume it, and get the uninterrupted result."""
+"""Kill a BBT, FedBPT, ZooPFL or FwdLLM run for real (SIGKILL), resume it, and get the uninterrupted result:
+the same arrays, the same per-round numbers, the same totals in summary.json; resuming it once more
+changes nothing."""
 
 from __future__ import annotations
 
@@ -93,6 +95,26 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         if r.get("phase") == "bbt"
     ]
     assert gens == list(range(1, 21))  # no generation lost or logged twice
+    # the whole run's black-box totals, not the resumed process's (issue #13.6)
+    totals = [json.loads((d / "summary.json").read_text())["queries"] for d in (straight_dir, run_dir)]
+    for key in ("queries", "examples", "tokens"):
+        assert totals[0][key] == totals[1][key], (key, totals)
+    _resuming_a_finished_run_changes_nothing(run_dir, "bbt")
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _resuming_a_finished_run_changes_nothing(run_dir: Path, command: str) -> None:
+    from typer.testing import CliRunner
+
+    from bbfl.cli import app
+
+    before = _files(run_dir)
+    again = CliRunner().invoke(app, [command, "--resume", str(run_dir)])
+    assert again.exit_code == 0 and "already finished" in again.output, again.output
+    assert _files(run_dir) == before  # no re-evaluation, no second final line, totals kept (issue #13.9)
 
 
 def _rounds_done(run_dir: Path) -> list[int]:
@@ -101,12 +123,10 @@ def _rounds_done(run_dir: Path) -> list[int]:
     return [r["round"] for r in map(json.loads, lines) if r.get("phase") == "round"]
 
 
-def test_killed_fedbpt_run_resumes_to_the_same_result(tmp_path, tiny_models):
-    args = ["--model", str(tiny_models["bert"]), "--rounds", "12", "--clients", "4", "--k-shot", "8"]
-    args += ["--local-iter", "4", "--local-popsize", "4", "--intrinsic-dim", "30", "--prompt-length", "3"]
-    args += ["--test-limit", "40", "--dropout", "0.2", "--seed", "5"]
-    straight = _bbfl(*args, "--out", str(tmp_path / "straight"), command="fedbpt")
-    killed = _bbfl(*args, "--out", str(tmp_path / "killed"), command="fedbpt")
+def _kill_after_two_rounds(args: list[str], tmp_path: Path, command: str, rounds: int):
+    """Start a straight and a to-be-killed run; SIGKILL the second after round 2. Returns (straight, killed dir)."""
+    straight = _bbfl(*args, "--out", str(tmp_path / "straight"), command=command)
+    killed = _bbfl(*args, "--out", str(tmp_path / "killed"), command=command)
     deadline, done = time.time() + 240, []
     while time.time() < deadline and len(done) < 3:  # round 0 (the start) + two trained rounds
         time.sleep(0.02)
@@ -117,11 +137,77 @@ def test_killed_fedbpt_run_resumes_to_the_same_result(tmp_path, tiny_models):
     killed.wait()
     run_dir = _only_run(tmp_path / "killed")
     before = _rounds_done(run_dir)
-    assert 2 <= before[-1] < 12, before
+    assert 2 <= before[-1] < rounds, before
     assert not (run_dir / "summary.json").exists()
+    return straight, run_dir
+
+
+def _same_federated_ending(straight_dir: Path, run_dir: Path, rounds: int, metrics: tuple[str, ...]) -> None:
+    """Same per-round numbers, same summary (times aside), each round logged once."""
+    records = [json.loads((d / "rounds.json").read_text()) for d in (straight_dir, run_dir)]
+    for key in (*metrics, "aggregated", "train_queries", "bytes_total"):
+        assert [r.get(key) for r in records[0]] == [r.get(key) for r in records[1]], key
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (straight_dir, run_dir)]
+    assert summaries[0] == summaries[1]  # totals are the whole run's (issue #13.6)
+    assert _rounds_done(run_dir) == list(range(rounds + 1))  # no round lost or logged twice
+
+
+def _same_arrays(a: Path, b: Path) -> None:
+    x, _ = load_arrays(a)
+    y, _ = load_arrays(b)
+    assert x.keys() == y.keys() and x
+    for key in x:
+        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_killed_fedbpt_run_resumes_to_the_same_result(tmp_path, tiny_models):
+    args = ["--model", str(tiny_models["bert"]), "--rounds", "12", "--clients", "4", "--k-shot", "8"]
+    args += ["--local-iter", "4", "--local-popsize", "4", "--intrinsic-dim", "30", "--prompt-length", "3"]
+    args += ["--test-limit", "40", "--dropout", "0.2", "--seed", "5"]
+    straight, run_dir = _kill_after_two_rounds(args, tmp_path, "fedbpt", 12)
 
     straight_dir = _resume_and_compare_prompts(run_dir, straight, tmp_path / "straight", "fedbpt")
     rounds = [json.loads((d / "rounds.json").read_text()) for d in (straight_dir, run_dir)]
     assert [r["test_accuracy"] for r in rounds[0]] == [r["test_accuracy"] for r in rounds[1]]
     assert [r["dropped"] for r in rounds[0]] == [r["dropped"] for r in rounds[1]]
-    assert _rounds_done(run_dir) == list(range(13))  # no round lost or logged twice
+    _same_federated_ending(straight_dir, run_dir, 12, ("test_accuracy", "dropped"))
+    _resuming_a_finished_run_changes_nothing(run_dir, "fedbpt")
+
+
+def test_killed_zoopfl_run_resumes_to_the_same_result(tmp_path, tiny_models):
+    args = ["--model", str(tiny_models["bert"]), "--rounds", "8", "--clients", "3", "--k-shot", "8"]
+    args += ["--zo-queries", "2", "--local-steps", "2", "--pretrain-steps", "4", "--test-limit", "30", "--seed", "4"]
+    straight, run_dir = _kill_after_two_rounds(args, tmp_path, "zoopfl", 8)
+    resumed = _bbfl("--resume", str(run_dir), command="zoopfl")
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_straight, _ = straight.communicate(timeout=300)
+    assert resumed.returncode == 0 and straight.returncode == 0, (out_resumed, out_straight)
+    straight_dir = _only_run(tmp_path / "straight")
+    _same_federated_ending(straight_dir, run_dir, 8, ("test_accuracy", "personal_accuracy"))
+    _same_arrays(straight_dir / "server_state.safetensors", run_dir / "server_state.safetensors")
+    clients = sorted(p.name for p in (straight_dir / "clients").iterdir())
+    assert clients == sorted(p.name for p in (run_dir / "clients").iterdir()) and clients
+    for name in clients:  # each client's private surgery embedding and re-mapping
+        _same_arrays(straight_dir / "clients" / name, run_dir / "clients" / name)
+    _resuming_a_finished_run_changes_nothing(run_dir, "zoopfl")
+
+
+def test_killed_fwdllm_run_resumes_to_the_same_result(tmp_path, tiny_models):
+    args = ["--model", str(tiny_models["bert"]), "--rounds", "8", "--clients", "3", "--k-shot", "6"]
+    args += ["--peft", "bitfit", "--batch-size", "4", "--test-limit", "20", "--seed", "6"]
+    straight, run_dir = _kill_after_two_rounds(args, tmp_path, "fwdllm", 8)
+    resumed = _bbfl("--resume", str(run_dir), command="fwdllm")
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_straight, _ = straight.communicate(timeout=300)
+    assert resumed.returncode == 0 and straight.returncode == 0, (out_resumed, out_straight)
+    straight_dir = _only_run(tmp_path / "straight")
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (straight_dir, run_dir)]
+    for s in summaries:  # the process's own peak memory differs between a run and its resume
+        s.pop("cpu_peak_rss_mb")
+    assert summaries[0] == summaries[1]
+    records = [json.loads((d / "rounds.json").read_text()) for d in (straight_dir, run_dir)]
+    assert [r["test_accuracy"] for r in records[0]] == [r["test_accuracy"] for r in records[1]]
+    assert [r["train_queries"] for r in records[0]] == [r["train_queries"] for r in records[1]]
+    assert _rounds_done(run_dir) == list(range(9))
+    _same_arrays(straight_dir / "peft.safetensors", run_dir / "peft.safetensors")
+    _resuming_a_finished_run_changes_nothing(run_dir, "fwdllm")

@@ -17,4 +17,4 @@ __all__ = ["app", "console", "main"]
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app(prog_name="bbfl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from bbfl.cli._app import (
     DEVICE,
@@ -17,7 +18,13 @@ from bbfl.cli._app import (
     app,
     console,
     fail,
+    interrupt_hint,
+    is_interactive,
+    open_resume,
+    print_run_dir,
     progress_bar,
+    progress_line,
+    say,
 )
 from bbfl.exceptions import BBFLError
 
@@ -66,22 +73,17 @@ def bbt(
     from bbfl.report import summary_table
 
     if resume is not None:
-        from bbfl.report import RunDir
-
-        try:
-            saved = RunDir.open(resume).config
-        except BBFLError as exc:
-            fail(exc)
+        saved = open_resume(resume, "bbt")
         task, budget, seed = saved["data"]["task"], saved["bbt"]["budget"], saved["bbt"]["seed"]
-        console.print(f"[dim]resuming {resume} ({task}, budget {budget})[/]")
+        say(f"resuming {resume} ({task}, budget {budget}, seed {seed}): its own settings are used")
     preset = DEMO_PRESET if task == "demo" else {}
     budget = budget if budget is not None else preset.get("budget", 8000)
     k_shot = k_shot if k_shot is not None else preset.get("k_shot", 16)
     prompt_length = prompt_length if prompt_length is not None else preset.get("prompt_length", 50)
     if preset and resume is None:
-        console.print(
-            f"[dim]demo preset: budget={budget}, k_shot={k_shot}, prompt_length={prompt_length} "
-            "(paper defaults: 8000, 16, 50 — pass flags to change)[/]"
+        say(
+            f"demo preset: budget={budget}, k_shot={k_shot}, prompt_length={prompt_length} "
+            "(paper defaults: 8000, 16, 50 — pass flags to change)"
         )
     try:
         cfg = BBTConfig(
@@ -102,11 +104,22 @@ def bbt(
         bb_cfg = BlackBoxConfig(
             model=model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
         )
-        with progress_bar() as progress:
+        with interrupt_hint("bbt") as hint, progress_bar() as progress:
             bar = progress.add_task("BBT", total=budget)
+            best_dev: list[float] = []  # none until the first dev check: the bar shows no `dev nan`
 
             def update(record: dict) -> None:
-                desc = f"BBT loss {record['train_loss']:.3f} dev {record.get('best_dev_accuracy', float('nan')):.3f}"
+                if "best_dev_accuracy" in record:
+                    best_dev[:] = [record["best_dev_accuracy"]]
+                    if not is_interactive():  # piped: one line per dev check instead of a bar
+                        progress_line(
+                            f"queries {record['queries']:>6,}/{budget:,}",
+                            f"loss {record['train_loss']:.3f}",
+                            f"dev {record['dev_accuracy']:.3f}",
+                            f"best dev {record['best_dev_accuracy']:.3f}",
+                        )
+                dev = f" best dev {best_dev[0]:.3f}" if best_dev else ""
+                desc = f"BBT loss {record['train_loss']:.3f}{dev}"
                 progress.update(bar, completed=record["queries"], description=desc)
 
             run, rows = run_bbt_experiment(
@@ -117,8 +130,9 @@ def bbt(
                 PromptTuningConfig(steps=whitebox_steps) if whitebox else None,
                 update,
                 resume=resume,
+                on_run=hint,
             )
     except BBFLError as exc:
         fail(exc)
-    console.print(summary_table(rows, f"BBT on {task} (seed {seed})"))
-    console.print(f"run directory: [bold]{run.path}[/]")
+    console.print(summary_table(rows, escape(f"BBT on {task} (seed {seed})")))
+    print_run_dir(run.path)

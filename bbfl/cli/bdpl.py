@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
-from bbfl.cli._app import OUT, STRICT, TEST_LIMIT, app, console, fail, progress_bar
+from bbfl.cli._app import OUT, STRICT, TEST_LIMIT, app, console, fail, print_run_dir, progress_bar, refuse_finished
 from bbfl.exceptions import BBFLError, ConfigError
 
 BDPL_DEMO_PRESET = {"steps": 20, "prompt_length": 5, "num_candidates": 50, "samples": 8}
@@ -168,6 +169,7 @@ def bdpl(
     previous: dict = {}
     try:
         if resume is not None:  # the saved run's settings win; only the endpoint and the key come from the flags
+            refuse_finished(resume, "bdpl")
             run = RunDir.open(resume)
             saved = run.config
             if saved.get("method") != "bdpl":
@@ -215,7 +217,7 @@ def bdpl(
         if resume is None:
             config = {
                 "method": "bdpl",
-                "data": asdict(data_cfg),
+                "data": data_cfg.record(),
                 "bdpl": cfg.to_dict(),
                 "steps": steps,
                 "planned_queries": plan,
@@ -271,10 +273,10 @@ def bdpl(
     run.write_summary(summary)
     run.plot("queries", ["train_loss", "train_loss_mean"], "bdpl_loss.png", "BDPL training loss", where="bdpl")
     run.plot("queries", ["dev_accuracy", "best_dev_accuracy"], "bdpl_accuracy.png", "BDPL dev accuracy", where="bdpl")
-    console.print(summary_table(rows, f"BDPL on {task_obj.name} via {base_url} ({bb.scoring})"))
+    console.print(summary_table(rows, escape(f"BDPL on {task_obj.name} via {base_url} ({bb.scoring})")))
     console.print(summary_table(_cost_rows(cost), f"API cost (budget {summary['budget']:,} queries)"))
-    console.print(f"prompt: [bold]{result.prompt.strip()!r}[/]")
-    console.print(f"run directory: [bold]{run.path}[/]")
+    console.print(f"prompt: [bold]{escape(repr(result.prompt.strip()))}[/]")
+    print_run_dir(run.path)
 
 
 def _bdpl_resume_state(run: Any, checkpoint: Path) -> tuple[list[dict], int]:
@@ -337,6 +339,7 @@ def fedone(
     preset = FEDONE_DEMO_PRESET if task == "demo" else {}
     try:
         if resume is not None:  # the saved run's settings win; only the endpoint and the key come from the flags
+            refuse_finished(resume, "fedone")
             run = RunDir.open(resume)
             saved = run.config
             if saved.get("method") != "fedone":
@@ -404,7 +407,7 @@ def fedone(
         if resume is None:
             config = {
                 "method": "fedone",
-                "data": asdict(data_cfg),
+                "data": data_cfg.record(),
                 "bdpl": cfg.to_dict(),
                 "engine": asdict(engine_cfg),
                 "planned_queries": plan,
@@ -467,10 +470,12 @@ def fedone(
     )
     run.plot("round", ["test_accuracy"], "fedone_accuracy.png", "FedOne global test accuracy", where="round")
     run.plot("train_queries", ["test_accuracy"], "accuracy_vs_queries.png", "accuracy vs. queries", where="round")
-    console.print(summary_table(rows, f"FedOne on {task_obj.name} ({data_cfg.num_clients} clients) via {base_url}"))
+    console.print(
+        summary_table(rows, escape(f"FedOne on {task_obj.name} ({data_cfg.num_clients} clients) via {base_url}"))
+    )
     console.print(summary_table(_cost_rows(cost), "API cost"))
-    console.print(f"prompt: [bold]{last['prompt'].strip()!r}[/]")
-    console.print(f"run directory: [bold]{run.path}[/]")
+    console.print(f"prompt: [bold]{escape(repr(last['prompt'].strip()))}[/]")
+    print_run_dir(run.path)
 
 
 def _checkpoint_round(path: Path) -> int:

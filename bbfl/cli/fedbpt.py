@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import typer
+from rich.markup import escape
 
 from bbfl.cli._app import (
     DEVICE,
@@ -21,7 +23,12 @@ from bbfl.cli._app import (
     app,
     console,
     fail,
+    interrupt_hint,
+    open_resume,
+    print_run_dir,
     progress_bar,
+    progress_line,
+    say,
 )
 from bbfl.exceptions import BBFLError, ConfigError
 
@@ -80,8 +87,13 @@ def fedbpt(
     from bbfl.federation.engine import EngineConfig
     from bbfl.methods.fedbpt import FedBPTConfig
     from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_fedbpt_experiment
-    from bbfl.report import RunDir, summary_table
+    from bbfl.report import summary_table
 
+    if resume is not None:  # the saved run's settings win: the title and the lines below say what it really runs
+        saved = open_resume(resume, "fedbpt")
+        task, clients = saved["data"]["task"], saved["data"]["num_clients"]
+        partition, rounds = saved["data"]["partition"], saved["engine"]["rounds"]
+        say(f"resuming {resume} ({task}, {clients} clients, {partition}, {rounds} rounds): its own settings are used")
     preset = FEDBPT_DEMO_PRESET if task == "demo" else {}
     k_shot = k_shot if k_shot is not None else preset.get("k_shot", 200)
     rounds = rounds if rounds is not None else preset.get("rounds", 200)
@@ -91,12 +103,10 @@ def fedbpt(
             if not 0.0 < fraction <= 1.0:
                 raise ConfigError(f"--fraction should be in (0, 1], got {fraction}")
             clients_per_round = max(1, math.ceil(fraction * clients))
-        if resume is not None:
-            rounds = RunDir.open(resume).config["engine"]["rounds"]
-        elif preset:
-            console.print(
-                f"[dim]demo preset: rounds={rounds}, k_shot={k_shot}, prompt_length={prompt_length} "
-                "(paper: 200, 200, 50 — pass flags to change)[/]"
+        if preset and resume is None:
+            say(
+                f"demo preset: rounds={rounds}, k_shot={k_shot}, prompt_length={prompt_length} "
+                "(paper: 200, 200, 50 — pass flags to change)"
             )
         data_cfg = FederatedDataConfig(
             task=task,
@@ -137,30 +147,37 @@ def fedbpt(
         bb_cfg = BlackBoxConfig(
             model=model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
         )
-        with progress_bar() as progress:
+        with interrupt_hint("fedbpt") as hint, progress_bar() as progress:
             bar = progress.add_task("FedBPT", total=rounds)
 
             def update(record: dict) -> None:
                 progress.update(bar, completed=record["round"])
-                console.print(
-                    f"round {record['round']:>4}  test acc {record.get('test_accuracy', float('nan')):.4f}  "
-                    f"queries {record.get('train_queries', 0):>8,}  up {record['bytes_up_per_client']:,.0f} B  "
-                    f"down {record['bytes_down_per_client']:,} B  clients {len(record['aggregated'])}"
-                    + (f"  rejected {len(record['rejected'])}" if record["rejected"] else "")
+                progress_line(
+                    f"round {record['round']:>3}",
+                    f"test acc {record.get('test_accuracy', float('nan')):.4f}",
+                    f"queries {record.get('train_queries', 0):>7,}",
+                    f"up {record['bytes_up_per_client']:,.0f} B",
+                    f"down {record['bytes_down_per_client']:,} B",
+                    f"clients {len(record['aggregated'])}",
+                    *([f"rejected {len(record['rejected'])}"] if record["rejected"] else []),
                 )
 
-            run, records = run_fedbpt_experiment(data_cfg, fed_cfg, engine_cfg, bb_cfg, out, update, resume=resume)
+            run, records = run_fedbpt_experiment(
+                data_cfg, fed_cfg, engine_cfg, bb_cfg, out, update, resume=resume, on_run=hint
+            )
     except BBFLError as exc:
         fail(exc)
     last = records[-1]
+    summary = json.loads((run.path / "summary.json").read_text())
     rows = [
         {"metric": "global test accuracy", "value": last.get("test_accuracy", float("nan"))},
-        {"metric": "starting prompt accuracy (round 0)", "value": records[0].get("test_accuracy", float("nan"))},
+        {"metric": "zero-shot accuracy (no prompt)", "value": summary["zero_shot_test_accuracy"]},
+        {"metric": "starting prompt accuracy (round 0, z = 0)", "value": records[0].get("test_accuracy", float("nan"))},
         {"metric": "best round accuracy", "value": max(r.get("test_accuracy", 0.0) for r in records)},
         {"metric": "training queries", "value": last.get("train_queries", 0)},
         {"metric": "bytes up / client-round", "value": last["bytes_up_per_client"]},
         {"metric": "bytes down / client-round", "value": last["bytes_down_per_client"]},
         {"metric": "rounds", "value": last["round"]},
     ]
-    console.print(summary_table(rows, f"FedBPT on {data_cfg.task} ({clients} clients, {partition})"))
-    console.print(f"run directory: [bold]{run.path}[/]")
+    console.print(summary_table(rows, escape(f"FedBPT on {task} ({clients} clients, {partition})")))
+    print_run_dir(run.path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from bbfl.cli._app import (
     DEVICE,
@@ -18,7 +19,12 @@ from bbfl.cli._app import (
     app,
     console,
     fail,
+    interrupt_hint,
+    open_resume,
+    print_run_dir,
     progress_bar,
+    progress_line,
+    say,
 )
 from bbfl.exceptions import BBFLError
 
@@ -47,10 +53,7 @@ def _run(
 ):
     from bbfl.federation.engine import EngineConfig
     from bbfl.pipeline import BlackBoxConfig, run_forward_experiment
-    from bbfl.report import RunDir
 
-    if resume is not None:
-        rounds = RunDir.open(resume).config["engine"]["rounds"]
     engine_cfg = EngineConfig(rounds=rounds, clients_per_round=per_round, seed=method_cfg.seed)
     bb_cfg = BlackBoxConfig(
         model=model,
@@ -60,18 +63,34 @@ def _run(
         max_length=max_length,
         max_tokens=4096 if low_memory else 32768,  # the batch is chunked to this many tokens per forward
     )
-    with progress_bar() as progress:
+    with interrupt_hint(name) as hint, progress_bar() as progress:
         bar = progress.add_task(name, total=rounds)
 
         def update(record: dict) -> None:
             progress.update(bar, completed=record["round"])
-            console.print(
-                f"round {record['round']:>4}  test acc {record.get('test_accuracy', float('nan')):.4f}  "
-                f"queries {record.get('train_queries', 0):>7,}  up {record['bytes_up_per_client']:,.0f} B  "
-                f"down {record['bytes_down_per_client']:,.0f} B  peak RSS {record.get('cpu_peak_rss_mb', 0):,.0f} MB"
+            progress_line(
+                f"round {record['round']:>3}",
+                f"test acc {record.get('test_accuracy', float('nan')):.4f}",
+                f"queries {record.get('train_queries', 0):>7,}",
+                f"up {record['bytes_up_per_client']:,.0f} B",
+                f"down {record['bytes_down_per_client']:,.0f} B",
+                f"peak RSS {record.get('cpu_peak_rss_mb', 0):,.0f} MB",
             )
 
-        return run_forward_experiment(name, data_cfg, method_cfg, engine_cfg, bb_cfg, out, update, resume=resume)
+        return run_forward_experiment(
+            name, data_cfg, method_cfg, engine_cfg, bb_cfg, out, update, resume=resume, on_run=hint
+        )
+
+
+def _resumed(name: str, resume: str | None, task: str, rounds: int) -> tuple[str, int]:
+    """(task, rounds) the run really uses: a resumed run's own, with a line saying it resumes."""
+    if resume is None:
+        return task, rounds
+    saved = open_resume(resume, name)
+    task, rounds = saved["data"]["task"], saved["engine"]["rounds"]
+    clients = saved["data"]["num_clients"]
+    say(f"resuming {resume} ({task}, {clients} clients, {rounds} rounds): its own settings are used")
+    return task, rounds
 
 
 def _summary(name: str, task: str, run, records: list[dict]) -> None:
@@ -88,8 +107,8 @@ def _summary(name: str, task: str, run, records: list[dict]) -> None:
     ]
     if "cuda_peak_allocated_mb" in last:
         rows.append({"metric": "peak CUDA memory (MB)", "value": last["cuda_peak_allocated_mb"]})
-    console.print(summary_table(rows, f"{name} on {task}"))
-    console.print(f"run directory: [bold]{run.path}[/]")
+    console.print(summary_table(rows, escape(f"{name} on {task}")))
+    print_run_dir(run.path)
 
 
 @app.command()
@@ -137,6 +156,7 @@ def fwdllm(
     from bbfl.methods.fwdllm import FwdLLMConfig
     from bbfl.pipeline import FederatedDataConfig
 
+    task, rounds = _resumed("fwdllm", resume, task, rounds)
     try:
         data_cfg = FederatedDataConfig(
             task=task,
@@ -210,6 +230,7 @@ def fedkseed(
     from bbfl.methods.fedkseed import FedKSeedConfig
     from bbfl.pipeline import FederatedDataConfig
 
+    task, rounds = _resumed("fedkseed", resume, task, rounds)
     try:
         data_cfg = FederatedDataConfig(
             task=task,

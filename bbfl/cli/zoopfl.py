@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from bbfl.cli._app import (
     DEVICE,
@@ -16,7 +17,12 @@ from bbfl.cli._app import (
     app,
     console,
     fail,
+    interrupt_hint,
+    open_resume,
+    print_run_dir,
     progress_bar,
+    progress_line,
+    say,
 )
 from bbfl.exceptions import BBFLError
 
@@ -60,11 +66,14 @@ def zoopfl(
     from bbfl.federation.engine import EngineConfig
     from bbfl.methods.zoopfl import ZooPFLConfig
     from bbfl.pipeline import BlackBoxConfig, PersonalDataConfig, run_zoopfl_experiment
-    from bbfl.report import RunDir, summary_table
+    from bbfl.report import summary_table
 
+    if resume is not None:  # the saved run's settings win: the title and the lines below say what it really runs
+        saved = open_resume(resume, "zoopfl")
+        task, clients = saved["data"]["task"], saved["data"]["num_clients"]
+        partition, rounds = saved["data"]["partition"], saved["engine"]["rounds"]
+        say(f"resuming {resume} ({task}, {clients} clients, {partition}, {rounds} rounds): its own settings are used")
     try:
-        if resume is not None:
-            rounds = RunDir.open(resume).config["engine"]["rounds"]
         data_cfg = PersonalDataConfig(
             task=task,
             data_dir=data_dir,
@@ -94,29 +103,33 @@ def zoopfl(
         )
         engine_cfg = EngineConfig(rounds=rounds, clients_per_round=clients_per_round, seed=seed)
         bb_cfg = BlackBoxConfig(model=model, head=head, device=device, dtype=dtype, max_length=max_length)
-        with progress_bar() as progress:
+        with interrupt_hint("zoopfl") as hint, progress_bar() as progress:
             bar = progress.add_task("ZooPFL", total=rounds)
 
             def update(record: dict) -> None:
                 progress.update(bar, completed=record["round"])
-                console.print(
-                    f"round {record['round']:>4}  personal acc {record.get('personal_accuracy', float('nan')):.4f}  "
-                    f"global acc {record.get('test_accuracy', float('nan')):.4f}  "
-                    f"queries {record.get('train_queries', 0):>7,}  up {record['bytes_up_per_client']:,.0f} B"
+                progress_line(
+                    f"round {record['round']:>3}",
+                    f"personal acc {record.get('personal_accuracy', float('nan')):.4f}",
+                    f"global acc {record.get('test_accuracy', float('nan')):.4f}",
+                    f"queries {record.get('train_queries', 0):>7,}",
+                    f"up {record['bytes_up_per_client']:,.0f} B",
                 )
 
-            run, records = run_zoopfl_experiment(data_cfg, zoo_cfg, engine_cfg, bb_cfg, out, update, resume=resume)
+            run, records = run_zoopfl_experiment(
+                data_cfg, zoo_cfg, engine_cfg, bb_cfg, out, update, resume=resume, on_run=hint
+            )
     except BBFLError as exc:
         fail(exc)
     first, last = records[0], records[-1]
     rows = [
         {"metric": "personalised accuracy (clients' own tests)", "value": last.get("personal_accuracy", float("nan"))},
-        {"metric": "  at round 0 (zero-shot)", "value": first.get("personal_accuracy", float("nan"))},
+        {"metric": "  at round 0 (untrained surgery)", "value": first.get("personal_accuracy", float("nan"))},
         {"metric": "worst client's accuracy", "value": last.get("personal_accuracy_min", float("nan"))},
         {"metric": "global accuracy (shared surgery only)", "value": last.get("test_accuracy", float("nan"))},
         {"metric": "training queries", "value": last.get("train_queries", 0)},
         {"metric": "bytes up / client-round", "value": last["bytes_up_per_client"]},
         {"metric": "bytes down / client-round", "value": last["bytes_down_per_client"]},
     ]
-    console.print(summary_table(rows, f"ZooPFL on {task} ({clients} clients, {partition})"))
-    console.print(f"run directory: [bold]{run.path}[/]")
+    console.print(summary_table(rows, escape(f"ZooPFL on {task} ({clients} clients, {partition})")))
+    print_run_dir(run.path)

@@ -144,6 +144,7 @@ def run_bbt(
         state["losses"].append(losses)
         state["probes"].append(_probe(candidates))
         if checkpoint:
+            state["blackbox_stats"] = blackbox.counter.stats.as_dict()  # a resumed run's totals start from these
             _save_checkpoint(checkpoint, state)
         if on_generation is not None:
             on_generation(record)
@@ -167,6 +168,7 @@ def _probe(candidates: np.ndarray) -> float:
 def _save_checkpoint(path: str | Path, state: dict) -> None:
     meta = {k: state[k] for k in ("start_acc", "queries", "dev_queries", "next_eval", "history")}
     meta["best_acc"], meta["best_loss"] = state["best"]["acc"], state["best"]["loss"]
+    meta["blackbox_stats"] = state.get("blackbox_stats")
     save_arrays(
         path,
         {"losses": np.stack(state["losses"]), "probes": np.array(state["probes"]), "best_z": state["best"]["z"]},

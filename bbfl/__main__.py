@@ -1,0 +1,5 @@
+"""`python -m bbfl` = the `bbfl` command."""
+
+from bbfl.cli import main
+
+main()
