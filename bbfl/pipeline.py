@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bbfl.blackbox import LocalBlackBox
+from bbfl.blackbox.placement import LEGACY_PLACEMENT, prompt_origin
 from bbfl.data import Split, Task, few_shot, limit_test, load_task
 from bbfl.data.sampling import holdout_per_client
 from bbfl.exceptions import ConfigError, DataError
@@ -100,6 +101,7 @@ class BlackBoxConfig:
     device: str = "cpu"
     dtype: str = "float32"
     prompt_attention: str = "auto"
+    prompt_placement: str = "auto"
     max_length: int = 128
     max_tokens: int = 32768
 
@@ -123,6 +125,7 @@ class BlackBoxConfig:
     @classmethod
     def from_saved(cls, saved: dict) -> BlackBoxConfig:
         """Rebuild from a run's config.json (which also records facts such as the resolved head)."""
+        saved = {"prompt_placement": LEGACY_PLACEMENT, **saved}  # runs from before the option used inputs_embeds
         return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
     def record(self, blackbox: LocalBlackBox) -> dict:
@@ -145,6 +148,7 @@ class BlackBoxConfig:
             **extra,
             "head": blackbox.head,
             "prompt_attention": blackbox.prompt_attention,
+            "prompt_placement": getattr(blackbox, "prompt_placement", LEGACY_PLACEMENT),
         }
 
     def build(self) -> LocalBlackBox:
@@ -158,6 +162,7 @@ class BlackBoxConfig:
             device=self.device,
             dtype=self.dtype,
             prompt_attention=self.prompt_attention,
+            prompt_placement=self.prompt_placement,
             max_length=self.max_length,
             max_tokens=self.max_tokens,
         )
@@ -273,7 +278,7 @@ def run_bbt_experiment(
     )
     run.log({"phase": "zero-shot", "test_accuracy": zs_acc}, front=True)
 
-    p0 = blackbox.token_embeddings(bbt_cfg.prompt_init, bbt_cfg.prompt_length)
+    p0 = prompt_origin(blackbox, bbt_cfg.prompt_init, bbt_cfg.prompt_length)
     projection = SubspaceProjection(
         bbt_cfg.intrinsic_dim, p0, blackbox.embedding_std, bbt_cfg.alpha, bbt_cfg.sigma0, seed=bbt_cfg.seed
     )
@@ -541,12 +546,13 @@ def _fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test):
 
     loss_name = task.loss if fed_cfg.loss == "auto" else fed_cfg.loss
     clients = [blackbox.encode(task, s) for s in client_splits]
-    p0 = blackbox.token_embeddings(fed_cfg.prompt_init, fed_cfg.prompt_length)
+    p0 = prompt_origin(blackbox, fed_cfg.prompt_init, fed_cfg.prompt_length)
     projection = SubspaceProjection(
         fed_cfg.intrinsic_dim, p0, blackbox.embedding_std, fed_cfg.alpha, fed_cfg.sigma0, seed=fed_cfg.seed
     )
     per_round = engine_cfg.clients_per_round or len(clients)
-    return FedBPT(fed_cfg, blackbox, clients, blackbox.encode(task, test), projection, loss_name, per_round)
+    test_e = blackbox.encode(task, test)
+    return FedBPT(fed_cfg, blackbox, clients, test_e, projection, loss_name, per_round, engine_cfg.transport_dtype)
 
 
 def _zoopfl_method(zoo_cfg, blackbox, task, trains, tests, test):

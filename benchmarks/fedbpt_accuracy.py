@@ -16,6 +16,17 @@ AG News: ~3 and ~1.5 min):
         --max-length 64 --rounds 6 --test-limit 300 --seeds 13 42 100 \
         --settings fedbpt-iid fedbpt-dir fedavg-iid fedavg-dir central
     python benchmarks/fedbpt_accuracy.py --seeds 13 --rounds 10 --test-limit 500 --settings fedbpt-iid-fp16
+
+The paper's settings (fitness ratio with 50% token perturbation, drawn afresh each round, and the
+server covariance in the downlink), 3 seeds, IID and Dirichlet 0.5, next to the plain rule:
+
+    python benchmarks/fedbpt_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --seeds 13 42 100 \
+        --rounds 10 --test-limit 500 --settings fedbpt-iid-paper fedbpt-dir-paper fedbpt-iid fedbpt-dir central
+
+The replay uplink (seed + candidate ranks up; the same state as dense, bit for bit) with its bytes and
+the server's replay seconds per round:
+
+    python benchmarks/fedbpt_accuracy.py --seeds 13 --rounds 3 --test-limit 200 --settings fedbpt-iid fedbpt-iid-replay
     python benchmarks/fedbpt_accuracy.py --table results.jsonl    # only print the table of a results file
 """
 
@@ -30,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bbfl.blackbox.placement import prompt_origin
 from bbfl.federation.engine import EngineConfig
 from bbfl.io import load_arrays
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, evaluate_prompt, run_bbt
@@ -47,6 +59,8 @@ SETTINGS = {
     "fedbpt-dir-fp16": ("dirichlet", "fedbpt", "float16", {}),
     "fedbpt-iid-paper": ("iid", "fedbpt", "float32", PAPER),
     "fedbpt-dir-paper": ("dirichlet", "fedbpt", "float32", PAPER),
+    "fedbpt-iid-replay": ("iid", "fedbpt", "float32", {"uplink": "replay"}),
+    "fedbpt-iid-paper-replay": ("iid", "fedbpt", "float32", {**PAPER, "uplink": "replay"}),
 }
 
 
@@ -73,6 +87,11 @@ def run_federated(args, seed: int, setting: str) -> dict:
         "curve": [r["test_accuracy"] for r in records],
         "sigma_curve": [r["global_sigma"] for r in records],
         "train_loss_curve": [r["train_loss"] for r in records],
+        **(
+            {"replay_seconds_per_round": float(np.mean([r["replay_seconds"] for r in records[1:]]))}
+            if fed.uplink == "replay"
+            else {}
+        ),
         **(server_ranking(run.path) if aggregation == "fedbpt" else {}),
         "run_dir": str(run.path),
     }
@@ -112,7 +131,7 @@ def run_central(args, seed: int, queries: int, examples: int) -> dict:
         eval_every=10**9,  # no dev set: score the final mean, as FedBPT does
         seed=seed,
     )
-    p0 = blackbox.token_embeddings(cfg.prompt_init, cfg.prompt_length)
+    p0 = prompt_origin(blackbox, cfg.prompt_init, cfg.prompt_length)
     projection = SubspaceProjection(cfg.intrinsic_dim, p0, blackbox.embedding_std, cfg.alpha, cfg.sigma0, seed=seed)
     result = run_bbt(cfg, blackbox, train_e, train_e, projection, task.loss)
     acc, _ = evaluate_prompt(blackbox, projection(result.z_mean), test_e, task.loss)
@@ -169,6 +188,10 @@ def print_table(results: list[dict]) -> None:
             if smallest:
                 line += f" and was the smallest client in {100 * statistics.mean(smallest):.0f}% of rounds"
             print(line)
+    for setting, rows in by_setting.items():
+        replayed = [r["replay_seconds_per_round"] for r in rows if "replay_seconds_per_round" in r]
+        if replayed:
+            print(f"\n{setting}: the server's replay took {statistics.mean(replayed):.3f} s per round")
     starts = [100 * r["start_acc"] for r in results if "start_acc" in r]
     if starts:
         print(f"\nstarting prompt (z = 0, zero-shot) accuracy: {statistics.mean(starts):.2f}")

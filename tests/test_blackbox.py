@@ -45,7 +45,7 @@ def _prompts(bb: LocalBlackBox, n: int, length: int = 5, seed: int = 0) -> torch
 @pytest.mark.parametrize("mode", ["prefix", "full"])
 def test_population_batch_equals_one_at_a_time(minilm, task, mode):
     bb = minilm
-    bb.prompt_attention = mode
+    before, bb.prompt_attention = bb.prompt_attention, mode
     try:
         data = bb.encode(task, task.train)
         prompts = _prompts(bb, 4)
@@ -54,7 +54,7 @@ def test_population_batch_equals_one_at_a_time(minilm, task, mode):
         assert batched.shape == (4, len(TEXTS), 2)
         torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
     finally:
-        bb.prompt_attention = "prefix"
+        bb.prompt_attention = before
 
 
 def test_chunking_does_not_change_scores(minilm, task):
@@ -174,3 +174,96 @@ def test_paired_prompts_score_each_example_with_its_own_prompt(task):
     assert bb.counter.stats.queries == 2 + 2 + 2 + 2 * len(data)
     with pytest.raises(ConfigError, match="paired prompts"):
         bb.paired_logits(shared, data)
+
+
+def test_defaults_are_the_papers_function(tiny_models, minilm):
+    """auto = full attention everywhere; the official placement for MLM heads; MiniLM keeps inputs_embeds."""
+    from bbfl.pipeline import BlackBoxConfig
+
+    assert minilm.prompt_attention == "full" and minilm.prompt_placement == "inputs_embeds"
+    for arch in ("bert", "roberta"):
+        bb = LocalBlackBox(str(tiny_models[arch]), head="mlm")
+        assert (bb.prompt_attention, bb.prompt_placement) == ("full", "after_embeddings")
+        assert BlackBoxConfig().record(bb)["prompt_placement"] == "after_embeddings"
+    assert LocalBlackBox(str(tiny_models["gpt2"])).prompt_placement == "inputs_embeds"
+    with pytest.raises(ConfigError, match="after_embeddings"):
+        LocalBlackBox(str(tiny_models["gpt2"]), prompt_placement="after_embeddings")
+    with pytest.raises(ConfigError, match="'sideways'"):
+        LocalBlackBox(str(tiny_models["bert"]), prompt_placement="sideways")
+    # a run directory from before the option existed ran inputs_embeds, and resumes so
+    assert BlackBoxConfig.from_saved({"head": "mlm"}).prompt_placement == "inputs_embeds"
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_official_placement_equals_explicit_layernorm_plus_az(tiny_models, task, arch):
+    """after_embeddings = LayerNorm(word + position + type embeddings of [CLS], ids 1000.., the text) + A z
+    at the prompt positions, then the encoder and the MLM head: written out here example by example."""
+    bb = LocalBlackBox(str(tiny_models[arch]), head="mlm", prompt_attention="full")
+    data = bb.encode(task, task.train)
+    az = _prompts(bb, 2, length=4)
+    scores = bb.logits(az, data)
+    emb, n_prompt = bb.body.embeddings, 4
+    offset = emb.padding_idx + 1 if arch == "roberta" else 0
+    label_ids = [
+        bb.tokenizer(("" if arch == "bert" else " ") + w, add_special_tokens=False)["input_ids"][0]
+        for w in ("bad", "great")
+    ]
+    with torch.no_grad():
+        for j, ids in enumerate(data.input_ids):
+            full = torch.cat([ids[:1], torch.arange(1000, 1000 + n_prompt), ids[1:]])
+            positions = torch.arange(len(full)) + offset
+            layer_in = emb.LayerNorm(
+                emb.word_embeddings(full) + emb.position_embeddings(positions) + emb.token_type_embeddings.weight[0]
+            )
+            for c in range(2):
+                x = layer_in.clone()
+                x[1 : 1 + n_prompt] += az[c]
+                hidden = bb.body.encoder(x[None]).last_hidden_state[0]
+                mask_at = int(data.read_at[j]) + n_prompt
+                logits = bb.model.get_output_embeddings()(
+                    (bb.model.cls.predictions.transform if arch == "bert" else _roberta_transform(bb.model))(
+                        hidden[mask_at]
+                    )
+                )
+                torch.testing.assert_close(scores[c, int(data.order[j])], logits[label_ids], rtol=1e-4, atol=1e-5)
+    # and it is a different function from feeding A z as word embeddings
+    other = LocalBlackBox(str(tiny_models[arch]), head="mlm", prompt_attention="full", prompt_placement="inputs_embeds")
+    # (a random tiny model moves its logits little: the gap is ~10x the tolerance above)
+    assert float((other.logits(az, other.encode(task, task.train)) - scores).abs().max()) > 1e-4
+
+
+def _roberta_transform(model):
+    head = model.lm_head
+    return lambda h: head.layer_norm(torch.nn.functional.gelu(head.dense(h)))
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_prefix_path_with_official_placement_equals_hf_forward(tiny_models, arch):
+    """prefix_encode(prompt_ids=...) = the HF forward with the prefix mask and A z added after the embeddings."""
+    bb = LocalBlackBox(str(tiny_models[arch]), head="mlm", prompt_attention="prefix")
+    enc = bb.tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    az, n_prompt = _prompts(bb, 2, length=4), 4
+    prompt_ids = torch.arange(1000, 1000 + n_prompt)
+    ours = prefix_encode(bb.body, az, ids, mask, insert_at=1, prompt_ids=prompt_ids)
+    full_ids = torch.cat([ids[:, :1], prompt_ids.expand(3, -1), ids[:, 1:]], 1)
+    positions = torch.arange(full_ids.shape[1]) + (bb.body.embeddings.padding_idx + 1 if arch == "roberta" else 0)
+    float_mask = torch.zeros(prefix_attention_mask(mask, n_prompt).shape)
+    float_mask[~prefix_attention_mask(mask, n_prompt)] = torch.finfo(torch.float32).min
+    for c in range(2):
+
+        def add_az(_module, _args, output, c=c):
+            output = output.clone()
+            output[:, 1 : 1 + n_prompt] += az[c]
+            return output
+
+        handle = bb.body.embeddings.register_forward_hook(add_az)
+        try:
+            with torch.no_grad():
+                hidden = bb.body(
+                    input_ids=full_ids, attention_mask=float_mask, position_ids=positions[None].expand(3, -1)
+                ).last_hidden_state
+        finally:
+            handle.remove()
+        theirs = torch.cat([hidden[:, :1], hidden[:, 1 + n_prompt :]], 1)
+        torch.testing.assert_close(ours[c][mask.bool()], theirs[mask.bool()], rtol=1e-4, atol=1e-4)

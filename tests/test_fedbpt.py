@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from bbfl.federation.engine import EngineConfig, sample_clients
 from bbfl.methods.fedbpt import FedBPTConfig
@@ -116,8 +117,13 @@ def test_fedavg_option_and_config_errors(tmp_path):
         FedBPTConfig(aggregation="fedavg", downlink_covariance=True)
 
 
-def test_one_client_one_round_is_centralised_bbt(tmp_path, minilm):
-    """DESIGN.md: centralised BBT is the same machinery with one client and one round."""
+@pytest.mark.parametrize("rule", ["fedavg", "fedbpt"])
+def test_one_client_one_round_is_centralised_bbt(tmp_path, minilm, monkeypatch, rule):
+    """The one client runs exactly centralised BBT; fedavg keeps its mean, the paper's rule moves w1 of the way.
+
+    Under the paper's rule the server's CMA-ES recombines the client's mean with the old mean (its
+    second parent slot, ranked last), so one client and one round is *not* centralised BBT there.
+    """
     from bbfl.data import few_shot, load_task
     from bbfl.federation.engine import round_seed, run_federation
     from bbfl.methods.bbt import BBTConfig, SubspaceProjection, run_bbt
@@ -131,11 +137,27 @@ def test_one_client_one_round_is_centralised_bbt(tmp_path, minilm):
     seed = round_seed(9, 1, 0)
     bbt_cfg = BBTConfig(intrinsic_dim=40, prompt_length=4, popsize=4, budget=12, eval_every=10**6, seed=seed)
     central = run_bbt(bbt_cfg, minilm, data, data, projection)
-    fed_cfg = FedBPTConfig(intrinsic_dim=40, prompt_length=4, local_popsize=4, local_iter=3, aggregation="fedavg")
+    fed_cfg = FedBPTConfig(intrinsic_dim=40, prompt_length=4, local_popsize=4, local_iter=3, aggregation=rule)
     method = FedBPT(fed_cfg, minilm, [data], data, projection, "ce", 1)
+    uploads = []
+    original = FedBPT.client_update
+
+    def recorded(self, *args):
+        update, head = original(self, *args)
+        uploads.append(update["mean"].copy())
+        return update, head
+
+    monkeypatch.setattr(FedBPT, "client_update", recorded)
     run_federation(method, EngineConfig(rounds=1, seed=9), tmp_path)
     assert method.train_queries == 12 + 1  # 3 generations of 4, plus the client's score of its final mean
-    np.testing.assert_array_equal(method.mean, central.z_mean.astype(np.float32))  # float32 on the wire
+    client_mean = central.z_mean.astype(np.float32)  # float32 on the wire
+    np.testing.assert_array_equal(uploads[0], client_mean)
+    if rule == "fedavg":
+        np.testing.assert_array_equal(method.mean, client_mean)
+    else:  # the old mean was 0: new mean = w1 * client mean, w1 = the first recombination weight
+        w1 = float(method.es.es.sp.weights[0])
+        assert 0 < w1 < 1
+        np.testing.assert_allclose(method.mean, w1 * client_mean.astype(np.float64), rtol=1e-12, atol=0)
 
 
 def test_covariance_downlink_is_sent_counted_and_used(tmp_path):
@@ -195,3 +217,106 @@ def test_skewed_client_sizes_warn_about_fedbpts_rank_weights(tmp_path, caplog):
         _run(tmp_path, "avg", engine=one_round, data=skewed, fed=FedBPTConfig(**SMALL, seed=0, aggregation="fedavg"))
         _run(tmp_path, "iid", engine=one_round, fed=FedBPTConfig(**SMALL, seed=0))
     assert "--aggregation fedavg" not in caplog.text
+
+
+REPLAY_CASES = {
+    "plain": dict(fed={}, engine={}),
+    "paper": dict(fed=dict(perturb_rate=0.5, downlink_covariance=True), engine=dict(transport_dtype="float16")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLAY_CASES))
+def test_replay_uplink_gives_the_dense_state_bit_for_bit(tmp_path, case):
+    """Seed + ranks up, the server re-runs each client's CMA-ES: the same global state as the dense uplink."""
+    fed, engine = REPLAY_CASES[case]["fed"], REPLAY_CASES[case]["engine"]
+    runs = {}
+    for uplink in ("dense", "replay"):
+        run, records = _run(
+            tmp_path,
+            uplink,
+            engine=EngineConfig(rounds=2, seed=4, **engine),
+            fed=FedBPTConfig(**SMALL, **fed, uplink=uplink),
+        )
+        runs[uplink] = (load_z(run), records)
+    (z_dense, dense), (z_replay, replay) = runs["dense"], runs["replay"]
+    assert np.abs(z_dense).max() > 0  # the search moved
+    np.testing.assert_array_equal(z_replay, z_dense)
+    for a, b in zip(dense[1:], replay[1:]):
+        assert a["global_sigma"] == b["global_sigma"] and a["test_accuracy"] == b["test_accuracy"]
+        assert a["train_queries"] == b["train_queries"]
+        assert b["replay_rejected"] == [] and b["replay_seconds"] > 0
+        assert b["bytes_up_per_client"] < a["bytes_up_per_client"] and b["bytes_up_per_client"] <= 200
+
+
+def test_replay_uplink_is_under_300_bytes_at_d500(tmp_path):
+    fed = FedBPTConfig(**{**SMALL, "intrinsic_dim": 500, "local_popsize": 5, "local_iter": 8}, uplink="replay")
+    _, records = _run(tmp_path, "replay500", engine=EngineConfig(rounds=1, seed=0), fed=fed)
+    assert records[1]["bytes_up_per_client"] <= 300, records[1]["bytes_up_per_client"]
+    assert records[1]["aggregated"] == [0, 1, 2, 3]
+
+
+def test_replay_uplink_rejects_what_it_cannot_replay(tmp_path, monkeypatch):
+    from bbfl.methods.fedbpt import FedBPT
+
+    original = FedBPT.client_update
+    bad = {1: {"ranks": "0" * 12}, 2: {"seed": -5}, 3: {"fitness": float("nan")}}
+
+    def corrupt(self, client, round_, arrays, header, seed):
+        update, head = original(self, client, round_, arrays, header, seed)
+        return update, {**head, **bad.get(client, {})}
+
+    monkeypatch.setattr(FedBPT, "client_update", corrupt)
+    _, records = _run(
+        tmp_path, "badreplay", engine=EngineConfig(rounds=1, seed=0), fed=FedBPTConfig(**SMALL, uplink="replay")
+    )
+    reasons = {r["client"]: r["reason"] for r in records[1]["replay_rejected"]}
+    assert "permutation" in reasons[1] and "'seed'" in reasons[2] and "fitness" in reasons[3], reasons
+    assert np.isfinite(records[1]["test_accuracy"]) and records[1]["global_sigma"] > 0
+
+
+def test_sigma_floor_is_the_official_no_op_by_default(minilm):
+    """global_es.py floors sigma at 0.5, then undoes it whenever the unfloored value is smaller: no floor."""
+    from bbfl.data import load_task
+    from bbfl.methods.bbt import SubspaceProjection
+    from bbfl.methods.fedbpt import FedBPT
+
+    task = load_task("demo")
+    data = minilm.encode(task, task.train.head(8))
+    projection = SubspaceProjection(40, minilm.token_embeddings(".", 4), minilm.embedding_std, seed=1)
+    rng = np.random.default_rng(0)
+    step = {
+        "solutions": rng.standard_normal((2, 40)) * 0.1,
+        "fitnesses": np.array([0.5, 0.7]),
+        "sigma_sq": 2 * 4 * 0.2**2,
+        "local_mu": 2.0,
+        "weights": np.ones(2),
+        "final_sigmas": [0.2, 0.2],
+    }
+    sigmas = {}
+    for floor in (0.0, 0.5):
+        cfg = FedBPTConfig(**SMALL, sigma0=0.3, min_sigma=floor)
+        method = FedBPT(cfg, minilm, [data, data], data, projection, "ce", 2)
+        method._apply(step)
+        sigmas[floor] = (method.sigma, method.scale_sigma)
+    assert FedBPTConfig().min_sigma == 0.0
+    sent, unfloored = sigmas[0.0]
+    assert sent == unfloored < 0.5  # official: clients get the rescaled value, however small
+    assert sigmas[0.5] == (0.5, unfloored)  # the named variant: a floor that holds
+
+
+def test_perturbed_copies_are_fresh_each_round_from_the_clients_stream(minilm):
+    from bbfl.data import load_task
+    from bbfl.methods.bbt import SubspaceProjection
+    from bbfl.methods.fedbpt import FedBPT
+
+    task = load_task("demo")
+    data = minilm.encode(task, task.train.head(8))
+    projection = SubspaceProjection(40, minilm.token_embeddings(".", 4), minilm.embedding_std, seed=1)
+    method = FedBPT(FedBPTConfig(**SMALL, perturb_rate=0.5), minilm, [data, data], data, projection, "ce", 2)
+
+    def ids(client, seed):
+        return torch.cat(method._perturbed_copy(client, seed).input_ids)
+
+    assert torch.equal(ids(0, 11), ids(0, 11))  # a pure function of the client's round stream
+    assert not torch.equal(ids(0, 11), ids(0, 12))  # another round (or run) draws another copy
+    assert not torch.equal(ids(0, 11), torch.cat(data.input_ids))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bbfl.blackbox.base import QueryCounter
+from bbfl.blackbox.placement import PromptPlacement, added_to_embedding_output, prompt_token_ids, resolve_placement
 from bbfl.blackbox.prefix import prefix_encode, supports_prefix
 from bbfl.exceptions import ConfigError
 
@@ -90,9 +91,12 @@ class LocalBlackBox:
     model : a local model directory or hub name; ``None`` is the embedded MiniLM.
     head : how class scores are read out (see module docstring); ``auto`` picks from the config.
     device, dtype : where and in which precision the frozen model runs.
-    prompt_attention : ``prefix`` (prompt tokens read only each other: faster, see
-        :mod:`bbfl.blackbox.prefix`), ``full`` (plain concatenation, as the BBT paper), or ``auto``
-        (prefix where the architecture supports it).
+    prompt_attention : ``full`` (plain concatenation: the BBT paper's function) or ``prefix`` (prompt
+        tokens read only each other: faster, but another function, see :mod:`bbfl.blackbox.prefix`);
+        ``auto`` = ``full``.
+    prompt_placement : ``after_embeddings`` (official BBT: the prompt is added to the embedding layer's
+        output at prompt tokens 1000..), ``inputs_embeds`` (fed as word embeddings), or ``auto``
+        (official for MLM heads on BERT/RoBERTa, else ``inputs_embeds``); see :mod:`bbfl.blackbox.placement`.
     max_length : examples are truncated to this many tokens.
     max_tokens : cap on candidate x example x token cells per forward (memory bound).
     budget : hard cap on queries (one candidate on one batch); ``None`` = unlimited.
@@ -107,6 +111,7 @@ class LocalBlackBox:
         device: str = "cpu",
         dtype: str = "float32",
         prompt_attention: PromptAttention = "auto",
+        prompt_placement: PromptPlacement = "auto",
         max_length: int = 128,
         max_tokens: int = 32768,
         budget: int | None = None,
@@ -134,11 +139,14 @@ class LocalBlackBox:
         self.model = _load_model(self.model_name, self.head, self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.body = self.model.base_model
-        if prompt_attention == "auto":
-            prompt_attention = "prefix" if supports_prefix(self.body) and self.head != "causal" else "full"
+        if prompt_attention == "auto":  # the paper's function; prefix is an opt-in variant
+            prompt_attention = "full"
+        if prompt_attention not in ("full", "prefix"):
+            raise ConfigError(f"unknown prompt_attention {prompt_attention!r}; expected auto, full or prefix")
         if prompt_attention == "prefix" and not supports_prefix(self.body):
             raise ConfigError(f"prompt_attention='prefix' needs a BERT/RoBERTa encoder, not {config.model_type!r}")
         self.prompt_attention = prompt_attention
+        self.prompt_placement = resolve_placement(prompt_placement, self.head, supports_prefix(self.body))
         self._task_key: tuple | None = None
 
     # ------------------------------------------------------------------ model facts
@@ -299,7 +307,8 @@ class LocalBlackBox:
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in ids], batch_first=True)
         insert_at = self._insert_at()
         if self.prompt_attention == "prefix" and prompts.dim() == 3:  # per-example prompts take the full path
-            hidden = prefix_encode(self.body, prompts, input_ids, mask, insert_at)  # [p, b, T, H]
+            prompt_ids = self._prompt_ids(prompts.shape[-2])
+            hidden = prefix_encode(self.body, prompts, input_ids, mask, insert_at, prompt_ids)  # [p, b, T, H]
         else:
             hidden = self._full_encode(prompts, input_ids, mask, insert_at)
         return self._read_out(hidden, mask, data.read_at[ex])
@@ -307,11 +316,24 @@ class LocalBlackBox:
     def _full_encode(self, prompts, input_ids, mask, insert_at) -> torch.Tensor:
         n_cand, n_prompt = prompts.shape[0], prompts.shape[-2]
         n_ex = input_ids.shape[0]
-        words = self.word_embeddings(input_ids)[None].expand(n_cand, -1, -1, -1)
         per_example = prompts if prompts.dim() == 4 else prompts[:, None].expand(-1, n_ex, -1, -1)
-        embeds = torch.cat([words[:, :, :insert_at], per_example, words[:, :, insert_at:]], 2).flatten(0, 1)
         full_mask = torch.cat([mask[:, :insert_at], mask.new_ones(n_ex, n_prompt), mask[:, insert_at:]], 1)
-        hidden = self.body(inputs_embeds=embeds, attention_mask=full_mask.repeat(n_cand, 1)).last_hidden_state
+        full_mask = full_mask.repeat(n_cand, 1)
+        prompt_ids = self._prompt_ids(n_prompt)
+        if prompt_ids is not None and n_prompt > 0:  # official BBT: A z added to the embedding layer's output
+            ids = torch.cat([input_ids[:, :insert_at], prompt_ids.expand(n_ex, -1), input_ids[:, insert_at:]], 1)
+            zeros = per_example.new_zeros(n_cand, n_ex, 1, per_example.shape[-1])
+            before, after = (
+                zeros.expand(-1, -1, insert_at, -1),
+                zeros.expand(-1, -1, input_ids.shape[1] - insert_at, -1),
+            )
+            offset = torch.cat([before, per_example, after], 2).flatten(0, 1)
+            with added_to_embedding_output(self.body, offset):
+                hidden = self.body(input_ids=ids.repeat(n_cand, 1), attention_mask=full_mask).last_hidden_state
+        else:
+            words = self.word_embeddings(input_ids)[None].expand(n_cand, -1, -1, -1)
+            embeds = torch.cat([words[:, :, :insert_at], per_example, words[:, :, insert_at:]], 2).flatten(0, 1)
+            hidden = self.body(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
         hidden = hidden.unflatten(0, (n_cand, n_ex))
         return torch.cat([hidden[:, :, :insert_at], hidden[:, :, insert_at + n_prompt :]], 2)
 
@@ -322,6 +344,12 @@ class LocalBlackBox:
         picked = hidden[:, torch.arange(hidden.shape[1], device=hidden.device), read_at]  # [p, b, H]
         head = self.model.get_output_embeddings() if self.head == "causal" else _mlm_head(self.model)
         return head(picked)[..., self.label_ids].float()
+
+    def _prompt_ids(self, length: int) -> torch.Tensor | None:
+        # the tokens at the prompt positions under the official placement; None = prompts are word embeddings
+        if self.prompt_placement != "after_embeddings":
+            return None
+        return prompt_token_ids(length, self.word_embeddings.num_embeddings, self.device)
 
     def _insert_at(self) -> int:
         # after [CLS]/<s>/<bos> when the tokenizer adds one; at the very start otherwise (GPT-2)

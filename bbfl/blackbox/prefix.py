@@ -57,6 +57,7 @@ def prefix_encode(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     insert_at: int = 1,
+    prompt_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Last hidden states of the examples' tokens for every candidate prompt.
 
@@ -66,6 +67,8 @@ def prefix_encode(
     prompt : [P, L, H] prompt embeddings (word-embedding space), one row per candidate.
     input_ids, attention_mask : [B, T] the examples, right-padded.
     insert_at : the prompt sits between token ``insert_at - 1`` and ``insert_at`` (after [CLS]).
+    prompt_ids : [L] tokens at the prompt positions for the official BBT placement: ``prompt`` is then
+        added to their embedding-layer output; ``None``: ``prompt`` is fed as word embeddings.
 
     Returns
     -------
@@ -82,7 +85,10 @@ def prefix_encode(
     tok_pos = torch.where(tok_pos >= insert_at, tok_pos + n_prompt, tok_pos) + offset
     prompt_pos = torch.arange(insert_at, insert_at + n_prompt, device=device) + offset
 
-    h_prompt = _embed(body, prompt, prompt_pos)  # [P, L, H]
+    if prompt_ids is None:
+        h_prompt = _embed(body, prompt, prompt_pos)  # [P, L, H]
+    else:  # after_embeddings: LayerNorm(tokens' embeddings) + A z
+        h_prompt = _embed(body, body.embeddings.word_embeddings(prompt_ids), prompt_pos)[None] + prompt
     h_tok = _embed(body, body.embeddings.word_embeddings(input_ids), tok_pos)  # [B, T, H], shared by all P
     # Keys an example may read: every prompt token, then its own non-pad tokens.
     key_mask = torch.cat([attention_mask.new_ones(n_ex, n_prompt), attention_mask], dim=1).bool()

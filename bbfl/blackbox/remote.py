@@ -144,6 +144,7 @@ class RemoteBlackBox:
         self.info = self._request("GET", "/v1/bbfl/info").json()
         self.head = self.info["head"]
         self.prompt_attention = self.info["prompt_attention"]
+        self.prompt_placement = self.info.get("prompt_placement", "inputs_embeds")  # older servers: inputs_embeds
         self.served_model = self.info["model"]
         self.device = torch.device("cpu")  # where the returned scores live
 

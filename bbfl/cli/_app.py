@@ -50,7 +50,9 @@ MODEL = typer.Option(
 HEAD = typer.Option("auto", help="auto, encoder (similarity to label descriptions), mlm or causal.")
 DEVICE = typer.Option("cpu", help="cpu, cuda, cuda:N or auto.")
 DTYPE = typer.Option("float32", help="float32, bfloat16 or float16 for the frozen model.")
-PROMPT_ATTENTION = typer.Option("auto", help="prefix (fast: prompt reads only itself), full, or auto.")
+PROMPT_ATTENTION = typer.Option(
+    "auto", help="full (the BBT paper's function; auto) or prefix (faster: prompt reads only itself)."
+)
 MAX_LENGTH = typer.Option(128, help="Truncate examples to this many tokens.")
 OUT = typer.Option("runs", help="Parent folder of the run directory.")
 # data options every command that loads a task shares

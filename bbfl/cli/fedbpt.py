@@ -66,7 +66,10 @@ def fedbpt(
     trim: float = typer.Option(0.2, help="Share of client values trimmed per side for --aggregation trimmed."),
     num_malicious: int = typer.Option(0, help="Poisoned clients Krum should tolerate (--aggregation krum)."),
     sigma0: float = typer.Option(1.0, help="Initial CMA-ES step size."),
-    min_sigma: float = typer.Option(0.5, help="Floor of the global step size (official code: 0.5)."),
+    min_sigma: float = typer.Option(
+        0.0, help="Floor of the global step size (0 = none: the official floor never acts)."
+    ),
+    uplink: str = typer.Option("dense", help="dense (the client's mean) or replay (seed + candidate ranks, ~190 B)."),
     downlink_covariance: bool = typer.Option(
         False, help="Also send the server's covariance C to clients (d*d floats more per client-round)."
     ),
@@ -131,6 +134,7 @@ def fedbpt(
             num_malicious=num_malicious,
             sigma0=sigma0,
             min_sigma=min_sigma,
+            uplink=uplink,
             downlink_covariance=downlink_covariance,
             dp_clip=dp_clip,
             dp_noise=dp_noise,

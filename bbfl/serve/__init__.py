@@ -297,6 +297,7 @@ class Server:
             "model": self.name,
             "head": self.bb.head,
             "prompt_attention": self.bb.prompt_attention,
+            "prompt_placement": self.bb.prompt_placement,
             "hidden_size": self.bb.hidden_size,
             "embedding_std": self.bb.embedding_std,
             "vocab_size": self.bb.word_embeddings.num_embeddings,

@@ -22,7 +22,10 @@ class BBTConfig:
         loss: ``auto`` takes the task's (hinge for MRPC/SNLI/RTE, else cross-entropy).
         margin: hinge margin (paper: 2).
         eval_every: dev-set selection every this many training queries (paper: 100).
-        prompt_init: token or text whose embeddings form p0, the prompt at z = 0.
+        prompt_init: token or text whose embeddings form p0, the prompt at z = 0, when the black box
+            feeds prompts as word embeddings (``prompt_placement='inputs_embeds'``). Under the official
+            placement (``after_embeddings``, the default for MLM heads) p0 = 0 and the prompt positions
+            hold vocabulary ids 1000.., whose embedding-layer output is the start, as in the paper's code.
         seed: seeds the projection A, CMA-ES and the few-shot sample.
     """
 

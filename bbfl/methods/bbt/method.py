@@ -3,6 +3,8 @@
 Implementation based on Sun et al., "Black-Box Tuning for Language-Model-as-a-Service", ICML 2022
 (https://arxiv.org/abs/2201.03514). Differences from the official loop: the whole CMA-ES population
 is scored in one black-box call (batched, length-bucketed), and every RNG is private and seeded.
+Where the prompt enters the model is the black box's ``prompt_placement`` (official: A z added to the
+embedding layer's output, :mod:`bbfl.blackbox.placement`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from bbfl.exceptions import ConfigError
+from bbfl.methods.fedbpt.replay import MAX_REPLAY_POPSIZE
 from bbfl.methods.privacy import check_dp
 
 
@@ -29,7 +30,13 @@ class FedBPTConfig:
         num_malicious: Krum's assumed number of poisoned clients.
         downlink_covariance: also send the server CMA-ES covariance C ([d, d]) so that clients sample
             from it, as the official code's copied CMA object does; d^2 floats more per client-round.
-        min_sigma: floor of the global step size after each round (official code: 0.5).
+        min_sigma: floor of the global step size after each round. Default 0 = none, as the official
+            code behaves: ``global_es.py`` sets sigma to 0.5 when it falls below, but the next line
+            puts it back to the unfloored value whenever that is smaller, so the floor never acts.
+            > 0 is our variant, a floor that holds.
+        uplink: ``dense`` (the paper: the client's final mean, a d-vector) or ``replay`` (the client's
+            seed and the ranks of its 8 x 5 candidates; the server re-runs its CMA-ES to the same mean,
+            bit for bit: :mod:`bbfl.methods.fedbpt.replay`).
         dp_clip: differential privacy: clients clip the change of their mean to this L2 norm
             (:mod:`bbfl.methods.privacy`; needs aggregation='fedavg'). ``None`` = off.
         dp_noise: the server adds Gaussian noise of std dp_noise * dp_clip / (number of clients) to
@@ -53,7 +60,8 @@ class FedBPTConfig:
     trim: float = field(default=0.2, metadata={"help": "trimmed share per side"})
     num_malicious: int = field(default=0, metadata={"help": "Krum's assumed poisoned clients"})
     downlink_covariance: bool = field(default=False, metadata={"help": "send C to clients (d^2 floats)"})
-    min_sigma: float = field(default=0.5, metadata={"help": "floor of the global step size"})
+    min_sigma: float = field(default=0.0, metadata={"help": "floor of the global step size (0 = official: none)"})
+    uplink: Literal["dense", "replay"] = field(default="dense", metadata={"help": "dense mean or seed+ranks replay"})
     dp_clip: float | None = field(default=None, metadata={"help": "DP: clip each client's change to this norm"})
     dp_noise: float = field(default=0.0, metadata={"help": "DP: server noise multiplier"})
     prompt_init: str = field(default=".", metadata={"help": "prompt at z = 0"})
@@ -78,6 +86,12 @@ class FedBPTConfig:
             raise ConfigError(
                 f"differential privacy (dp_clip) needs aggregation='fedavg', got {self.aggregation!r}: "
                 "the server CMA-ES and the robust rules do not average, so the noise would not be calibrated"
+            )
+        if self.uplink not in ("dense", "replay"):
+            raise ConfigError(f"`uplink` should be dense or replay, got {self.uplink!r}.")
+        if self.uplink == "replay" and self.local_popsize > MAX_REPLAY_POPSIZE:
+            raise ConfigError(
+                f"`uplink='replay'` supports local_popsize <= {MAX_REPLAY_POPSIZE}, got {self.local_popsize}."
             )
         if self.sigma0 <= 0 or self.min_sigma < 0:
             raise ConfigError(f"`sigma0` > 0 and `min_sigma` >= 0 needed, got {self.sigma0}, {self.min_sigma}.")

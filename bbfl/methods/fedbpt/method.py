@@ -8,16 +8,21 @@ covariance), runs ``local_iter`` generations of ``local_popsize`` candidates on 
 uploads its final mean, that mean's fitness and its step size per generation. The server pools the
 step sizes, sigma_g = sqrt(sum_c sum_t sigma_ct^2 / m / mu_local), and ``tell``s the m client means to
 its own CMA-ES as one population in which all m are parents; the step-size change that update makes
-rescales the clients' step size for the next round (floored at ``min_sigma``).
+rescales the clients' step size for the next round (no floor by default, as the official code in
+effect; ``min_sigma`` > 0 sets one). With the fitness ratio (``perturb_rate``), each client draws a
+fresh token-perturbed copy of its data every round from its own stream, as the official clients do.
 
 Differences from the official code: the downlink is mean + sigma (~2 KB), not the pickled CMA-ES
 object (~2 MB); every client has its own random stream; a round with fewer valid updates than m
 (drop-outs, rejected or late updates) fills the empty parent slots with the current global mean,
-ranked last, which shortens the step instead of failing.
+ranked last, which shortens the step instead of failing. Beyond the paper, ``uplink='replay'`` sends
+a client's seed and candidate ranks (~190 B) instead of its mean (:mod:`bbfl.methods.fedbpt.replay`).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 
 import numpy as np
@@ -27,10 +32,20 @@ from bbfl.federation.headers import count, number, number_list
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bbt import SubspaceProjection
 from bbfl.methods.fedbpt.config import FedBPTConfig
+from bbfl.methods.fedbpt.replay import ReplayError, local_search, parse_seed, replay_search
 from bbfl.methods.losses import accuracy, get_loss
 from bbfl.methods.privacy import add_noise, clip_to_norm, noise_std
 from bbfl.methods.robust import aggregate
 from bbfl.optim import CMAES
+
+log = logging.getLogger("bbfl.federation")
+WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
+PERTURB_STREAM = 0x9E27  # key of the per-round perturbation draw within a client's stream
+
+
+def through_wire(x: np.ndarray, wire_dtype: str) -> np.ndarray:
+    """``x`` as a float32 array message in ``wire_dtype`` arrives (float64 again for the optimiser)."""
+    return np.asarray(x).astype(np.float32).astype(WIRE_DTYPES[wire_dtype]).astype(np.float32).astype(np.float64)
 
 
 class FedBPT(FederatedMethod):
@@ -45,15 +60,13 @@ class FedBPT(FederatedMethod):
         projection: SubspaceProjection,
         loss_name: str,
         clients_per_round: int,
+        wire_dtype: str = "float32",
     ) -> None:
         self.config, self.blackbox, self.clients, self.test = config, blackbox, clients, test
         self.projection, self.loss_fn = projection, get_loss(loss_name, config.margin)
         self.num_clients = len(clients)
         self.m = max(1, min(clients_per_round, self.num_clients))
-        self.perturbed = [
-            blackbox.perturbed(c, config.perturb_rate, seed=config.seed + i) if config.perturb_rate > 0 else None
-            for i, c in enumerate(clients)
-        ]
+        self.wire_dtype = wire_dtype  # the replay uplink restarts clients from what the wire delivered
         self._reset()
 
     # ---------------------------------------------------------------- server state
@@ -77,7 +90,7 @@ class FedBPT(FederatedMethod):
         return arrays, {"sigma": self.sigma, "round": round_}
 
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"mean": (self.config.intrinsic_dim,)}
+        return {} if self.config.uplink == "replay" else {"mean": (self.config.intrinsic_dim,)}
 
     def header_spec(self, client: int) -> dict:
         """What an update header must hold (checked by the engine before :meth:`aggregate`)."""
@@ -94,6 +107,13 @@ class FedBPT(FederatedMethod):
         }
 
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:
+        replay = {}
+        if self.config.uplink == "replay":
+            began = time.perf_counter()
+            updates, rejected = self._replayed(round_, updates)
+            replay = {"replay_seconds": time.perf_counter() - began, "replay_rejected": rejected}
+            if not updates:
+                return {"skipped": "no replayable update", **replay}
         solutions = np.stack([u["mean"].astype(np.float64) for _, u, _ in updates])
         fitnesses = np.array([h["fitness"] for _, _, h in updates], dtype=np.float64)
         sigma_sq = float(sum(np.sum(np.square(h["sigmas"])) for _, _, h in updates))
@@ -110,7 +130,37 @@ class FedBPT(FederatedMethod):
         }
         self._apply(step)
         self.rounds.append(step)
-        return {"client_fitness_mean": float(fitnesses.mean())}
+        return {"client_fitness_mean": float(fitnesses.mean()), **replay}
+
+    def _replayed(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> tuple[list, list[dict]]:
+        """Replay uplinks -> the dense updates the clients would have sent (mean as the wire carries it)."""
+        cfg, (start, sigma, covariance) = self.config, self._as_received()
+        dense, rejected = [], []
+        for client, _, head in updates:
+            try:
+                if not np.isfinite(head.get("fitness", np.nan)):
+                    raise ReplayError(f"'fitness' should be a finite number, got {head.get('fitness')!r}")
+                seed = parse_seed(head.get("seed"))
+                search = replay_search(
+                    start, sigma, covariance, cfg.local_popsize, cfg.local_iter, seed, head.get("ranks")
+                )
+            except (ReplayError, TypeError) as exc:
+                rejected.append({"client": client, "reason": str(exc)})
+                log.warning("round %d: client %d replay uplink rejected: %s", round_, client, exc)
+                continue
+            mean = through_wire(self._clip(start, search.mean), self.wire_dtype)
+            dense.append((client, {"mean": mean}, {**head, "sigmas": search.sigmas, "local_mu": search.mu}))
+        return dense, rejected
+
+    def _as_received(self) -> tuple[np.ndarray, float, np.ndarray | None]:
+        # the downlink's (mean, sigma, covariance) after the wire: the state is unchanged until aggregation
+        arrays, header = self.downlink(0)
+        covariance = arrays.get("covariance")
+        return (
+            through_wire(arrays["mean"], self.wire_dtype),
+            float(header["sigma"]),
+            None if covariance is None else through_wire(covariance, self.wire_dtype),
+        )
 
     def _apply(self, step: dict) -> None:
         if self.config.aggregation != "fedbpt":  # FedAvg or a robust rule on the client means
@@ -162,36 +212,46 @@ class FedBPT(FederatedMethod):
     # ---------------------------------------------------------------- client
     def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int):
         cfg = self.config
-        es = CMAES(arrays["mean"].astype(np.float64), float(header["sigma"]), cfg.local_popsize, seed=seed)
-        if "covariance" in arrays:
-            es.set_covariance(arrays["covariance"])
-        sigmas, self._client_queries = [], 0
-        for _ in range(cfg.local_iter):
-            sigmas.append(es.sigma)
-            candidates = es.ask()
-            es.tell(candidates, self._fitness(client, candidates))
-        final = es.mean
-        if cfg.dp_clip is not None:  # differential privacy: bound this client's influence on the average
-            start = arrays["mean"].astype(np.float64)
-            final = start + clip_to_norm(final - start, cfg.dp_clip)
-        return (
-            {"mean": final.astype(np.float32)},
-            {
-                "fitness": float(self._fitness(client, final[None])[0]),
-                "sigmas": sigmas,
-                "local_mu": es.mu,
-                "examples": len(self.clients[client]),
-                "queries": self._client_queries,  # counted by the server on aggregation (on Flower too)
-            },
-        )
+        start = arrays["mean"].astype(np.float64)
+        noisy = self._perturbed_copy(client, seed)
+        self._client_queries = 0
 
-    def _fitness(self, client: int, candidates: np.ndarray) -> np.ndarray:
+        def fitness(_generation: int, candidates: np.ndarray) -> np.ndarray:
+            return self._fitness(client, candidates, noisy)
+
+        covariance = arrays.get("covariance")
+        search = local_search(
+            start, float(header["sigma"]), covariance, cfg.local_popsize, cfg.local_iter, seed, fitness
+        )
+        final = self._clip(start, search.mean)
+        common = {
+            "fitness": float(self._fitness(client, final[None], noisy)[0]),
+            "examples": len(self.clients[client]),
+            "queries": self._client_queries,  # counted by the server on aggregation (on Flower too)
+        }
+        if cfg.uplink == "replay":  # the server re-runs the search from these
+            return {}, {**common, "seed": int(seed), "ranks": search.ranks}
+        return {"mean": final.astype(np.float32)}, {**common, "sigmas": search.sigmas, "local_mu": search.mu}
+
+    def _clip(self, start: np.ndarray, final: np.ndarray) -> np.ndarray:
+        # differential privacy: bound this client's influence on the average
+        if self.config.dp_clip is None:
+            return final
+        return start + clip_to_norm(final - start, self.config.dp_clip)
+
+    def _perturbed_copy(self, client: int, seed: int) -> Encoded | None:
+        """This round's token-perturbed copy of the client's data (fresh each round, as the official clients)."""
+        if self.config.perturb_rate <= 0:
+            return None
+        draw = int(np.random.SeedSequence([seed, PERTURB_STREAM]).generate_state(1)[0])
+        return self.blackbox.perturbed(self.clients[client], self.config.perturb_rate, seed=draw)
+
+    def _fitness(self, client: int, candidates: np.ndarray, noisy: Encoded | None) -> np.ndarray:
         prompts = self.projection(candidates)
         data = self.clients[client]
-        self._client_queries += len(candidates) * (1 if self.perturbed[client] is None else 2)
+        self._client_queries += len(candidates) * (1 if noisy is None else 2)
         clean = self.loss_fn(self.blackbox.logits(prompts, data), data.labels)
-        if self.perturbed[client] is not None:
-            noisy = self.perturbed[client]
+        if noisy is not None:
             clean = clean / self.loss_fn(self.blackbox.logits(prompts, noisy), noisy.labels).clamp(min=1e-6)
         return clean.cpu().numpy().astype(np.float64)
 
