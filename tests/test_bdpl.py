@@ -113,3 +113,27 @@ def test_missing_data_or_extra_fails_under_ci_and_skips_otherwise(monkeypatch, c
         shared_task_dir("no-such-task")
     with pytest.raises(expected, match="no_such_extra"):
         require_module("no_such_extra")
+
+
+def test_fedone_train_queries_match_the_black_box_counter(tmp_path):
+    from bbfl.federation.engine import EngineConfig, run_federation
+    from bbfl.methods.bdpl import FedOne
+    from tests.test_openai_blackbox import VOCAB, KeywordBox, keyword_data
+
+    box = KeywordBox()
+    cfg = BDPLConfig(prompt_length=2, num_candidates=len(VOCAB), samples=3, local_steps=2, seed=0)
+    method = FedOne(cfg, box, [keyword_data(4, i) for i in range(3)], keyword_data(6), VOCAB, "ce")
+    records = run_federation(method, EngineConfig(rounds=3, clients_per_round=1, seed=0), tmp_path)
+    evaluations = len(records)  # round 0 and every round score the global prompt once
+    assert records[-1]["train_queries"] == box.counter.stats.queries - evaluations > 0
+
+
+def test_bdpl_learns_the_helpful_word_with_the_official_update():
+    from bbfl.methods.bdpl import run_bdpl
+    from tests.test_openai_blackbox import VOCAB, KeywordBox, keyword_data
+
+    cfg = BDPLConfig(prompt_length=2, num_candidates=len(VOCAB), samples=6, lr=0.02, budget=600, eval_every=60)
+    result = run_bdpl(cfg, KeywordBox(), keyword_data(8), keyword_data(6, 1), VOCAB)
+    magic = VOCAB.index("magic")
+    assert (result.probs[:, magic] > 1 / len(VOCAB)).all()  # both positions moved towards it
+    assert "magic" in result.prompt.split() and result.dev_accuracy == 1.0
