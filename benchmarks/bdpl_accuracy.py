@@ -52,7 +52,7 @@ def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) 
 
     for seed in args.seeds:
         train, dev = few_shot(task.train, args.k_shot, seed=seed)
-        vocab = candidate_vocab(train.texts, args.candidates)
+        vocab = candidate_vocab(train.texts, args.candidates, method=args.candidate_method)
         # zero-shot: no prompt, same scorer
         bb, t0 = box(), time.perf_counter()
         test_e = bb.encode(task, test)
@@ -65,6 +65,8 @@ def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) 
             num_candidates=args.candidates,
             samples=args.samples,
             lr=args.lr,
+            optimizer=args.optimizer,
+            grad_clip=args.grad_clip,
             budget=args.steps * args.samples,
             eval_every=args.eval_every,
             seed=seed,
@@ -81,6 +83,8 @@ def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) 
             num_candidates=args.candidates,
             samples=args.samples,
             lr=args.lr,
+            optimizer=args.optimizer,
+            grad_clip=args.grad_clip,
             local_steps=args.local_steps,
             seed=seed,
         )
@@ -123,7 +127,10 @@ def main() -> None:
     p.add_argument("--prompt-length", type=int, default=5)
     p.add_argument("--candidates", type=int, default=50)
     p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=BDPLConfig.lr, help="BDPL's AdamW step (official: 1e-4)")
+    p.add_argument("--optimizer", default=BDPLConfig.optimizer, choices=["adamw", "sgd"])
+    p.add_argument("--grad-clip", type=float, default=BDPLConfig.grad_clip)
+    p.add_argument("--candidate-method", default="pmi", choices=["pmi", "frequency"])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--eval-every", type=int, default=32)
     p.add_argument("--clients", type=int, default=4)

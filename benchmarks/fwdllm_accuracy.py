@@ -7,6 +7,15 @@ JSON-lines file as they finish and printed as a markdown table.
     python benchmarks/fwdllm_accuracy.py --task sst2 --data-dir ../shared/data/sst2 \
         --settings backprop fwdllm fwdllm-seed fwdllm-pace fwdllm-disc fedkseed
     python benchmarks/fwdllm_accuracy.py --table results.jsonl
+
+Learning rates are chosen on dev, never on test: ``--sweep-lrs 0.5 0.05 0.005`` first runs each setting
+at each rate with 20% of every client's training examples held out (the union is the dev set: it comes
+from the training pool, the test set is never read), keeps the rate with the best final dev accuracy,
+then runs that rate on the full clients and reports test accuracy. The row records every rate's dev
+accuracy (``dev_acc_by_lr``) and ``lr_chosen_on: "dev"``.
+
+    python benchmarks/fwdllm_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --rounds 3 \
+        --settings fwdllm fedkseed --sweep-lrs 0.5 0.05 0.005 --out sweep.jsonl
 """
 
 from __future__ import annotations
@@ -17,10 +26,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from bbfl.federation.engine import EngineConfig
+from bbfl.data import Split
+from bbfl.data.sampling import holdout_per_client
+from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.fedkseed import FedKSeedConfig
 from bbfl.methods.fwdllm import FwdLLMConfig
-from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_forward_experiment
+from bbfl.pipeline import (
+    BlackBoxConfig,
+    FederatedDataConfig,
+    _forward_blackbox,
+    _forward_method,
+    prepare_federated_data,
+    run_forward_experiment,
+)
+
+DEV_FRACTION = 0.2  # of each client's training examples, held out for the learning-rate sweep
 
 SETTINGS = {
     # name: (method, config overrides); lr is per setting because a single-direction forward estimate has
@@ -39,23 +59,60 @@ SETTINGS = {
 }
 
 
-def run_setting(args, seed: int, setting: str) -> dict:
-    name, overrides = SETTINGS[setting]
-    data = FederatedDataConfig(
+def _data_config(args) -> FederatedDataConfig:
+    return FederatedDataConfig(
         task=args.task, data_dir=args.data_dir, k_shot=args.k_shot, test_limit=args.test_limit, num_clients=args.clients
     )
+
+
+def _method_config(args, seed: int, setting: str, lr: float | None):
+    name, overrides = SETTINGS[setting]
     cls = FwdLLMConfig if name == "fwdllm" else FedKSeedConfig
-    if args.lr is not None:
-        overrides = {**overrides, "lr": args.lr}
-    cfg = cls(peft=args.peft, seed=seed, batch_size=args.batch_size, **overrides)
+    if lr is not None:
+        overrides = {**overrides, "lr": lr}
+    return name, cls(peft=args.peft, seed=seed, batch_size=args.batch_size, **overrides)
+
+
+def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
+    """Final accuracy on a dev set carved from the clients' training examples (the test split is never read)."""
+    name, cfg = _method_config(args, seed, setting, lr)
+    engine = EngineConfig(rounds=args.rounds, seed=seed)
+    task, client_splits, _ = prepare_federated_data(_data_config(args), cfg.seed)
+    trains, devs = holdout_per_client(client_splits, DEV_FRACTION, seed)
+    dev = Split(
+        [t for d in devs for t in d.texts],
+        [y for d in devs for y in d.labels],
+        None if devs[0].text_pairs is None else [p for d in devs for p in d.text_pairs],
+    )
+    blackbox = _forward_blackbox(BlackBoxConfig(max_length=args.max_length), cfg.peft).build()
+    method = _forward_method(name, cfg, engine, blackbox, task, trains, dev)  # "test" = dev here
+    records = run_federation(method, engine, tempfile.mkdtemp(prefix=f"bbfl-dev-{name}-"))
+    return records[-1]["test_accuracy"]
+
+
+def choose_lr(args, seed: int, setting: str) -> tuple[float, dict[str, float]]:
+    scores = {str(lr): dev_accuracy(args, seed, setting, lr) for lr in args.sweep_lrs}
+    best = max(args.sweep_lrs, key=lambda lr: scores[str(lr)])  # ties: the first listed
+    print(json.dumps({"setting": setting, "seed": seed, "dev_acc_by_lr": scores, "chosen_lr": best}), flush=True)
+    return best, scores
+
+
+def run_setting(args, seed: int, setting: str) -> dict:
+    lr, dev_scores = args.lr, None
+    if args.sweep_lrs:
+        lr, dev_scores = choose_lr(args, seed, setting)
+    name, cfg = _method_config(args, seed, setting, lr)
+    data = _data_config(args)
     engine = EngineConfig(rounds=args.rounds, seed=seed)
     bb = BlackBoxConfig(max_length=args.max_length)
     start = time.perf_counter()
     _, records = run_forward_experiment(name, data, cfg, engine, bb, tempfile.mkdtemp(prefix=f"bbfl-{name}-"))
     last = records[-1]
+    chosen = {"lr_chosen_on": "dev", "dev_acc_by_lr": dev_scores} if dev_scores else {"lr_chosen_on": "fixed"}
     return {
         "setting": setting,
         "lr": cfg.lr,
+        **chosen,
         "seed": seed,
         "task": args.task,
         "zero_shot_acc": records[0]["test_accuracy"],
@@ -94,6 +151,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[13])
     parser.add_argument("--peft", default="lora")
     parser.add_argument("--lr", type=float, default=None, help="override every setting's learning rate")
+    parser.add_argument(
+        "--sweep-lrs", type=float, nargs="+", default=None, help="choose each setting's lr among these on dev"
+    )
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--k-shot", type=int, default=100)

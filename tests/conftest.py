@@ -14,11 +14,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
+def in_ci() -> bool:
+    """True under CI (env ``CI=true``, as GitHub Actions and most runners set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip locally, but fail in CI: a CI run that silently skips what it cannot run would stay green."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing data set or extra is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def shared_task_dir(name: str) -> Path:
     path = (SHARED_DATA / name).resolve()
     if not (path / "train.jsonl").is_file():
-        pytest.skip(f"real data not found at {path}")
+        skip_or_fail(f"real data not found at {path}")
     return path
+
+
+def require_module(name: str) -> None:
+    """Import-or-skip an optional extra (e.g. ``flwr``); in CI a missing extra fails instead."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        skip_or_fail(f"optional dependency {name!r} is not installed")
 
 
 @pytest.fixture(scope="session")

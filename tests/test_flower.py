@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("flwr")
+from tests.conftest import require_module  # noqa: E402
+
+require_module("flwr")  # skips locally without the extra; fails under CI=true
 
 from bbfl.cli import app  # noqa: E402
 from bbfl.exceptions import ConfigError  # noqa: E402

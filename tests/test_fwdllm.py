@@ -13,6 +13,7 @@ from bbfl.blackbox import LocalBlackBox
 from bbfl.data import load_task
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.io import load_arrays
+from bbfl.memory import peak_memory_mb
 from bbfl.methods.fedkseed import FedKSeed, FedKSeedConfig
 from bbfl.methods.fwdllm import FwdLLM, FwdLLMConfig
 from bbfl.peft import PeftConfig, PeftWeights
@@ -22,6 +23,7 @@ import sys, numpy as np
 from safetensors.numpy import save_file
 from bbfl.blackbox import LocalBlackBox
 from bbfl.io import load_arrays
+from bbfl.memory import peak_memory_mb
 from bbfl.methods.fedkseed import replay
 from bbfl.peft import PeftConfig, PeftWeights
 model, state, out = sys.argv[1:4]
@@ -113,8 +115,8 @@ def test_seed_uplink_reaches_the_same_model_with_a_fraction_of_the_bytes(tiny, t
         records = run_federation(m, EngineConfig(rounds=2, seed=5), tmp_path / uplink)
         finals[uplink], bytes_up[uplink] = m.global_weights, records[-1]["bytes_up_per_client"]
         m.weights.remove()
-    for k in finals["dense"]:
-        np.testing.assert_allclose(finals["seed"][k], finals["dense"][k], rtol=1e-4, atol=1e-6)
+    for k in finals["dense"]:  # the same float32 operations in the same order on client and server
+        np.testing.assert_array_equal(finals["seed"][k], finals["dense"][k])
     assert not all(np.array_equal(finals["dense"][k], np.zeros_like(finals["dense"][k])) for k in finals["dense"])
     assert bytes_up["seed"] < 1000 < bytes_up["dense"] / 5, bytes_up
 
@@ -128,20 +130,63 @@ def test_variance_pacing_and_discriminative_sampling(tiny):
     assert len(always.client_update(0, 1, arrays, header, seed=1)[1]["steps"]) == 6  # never low enough: the cap
     always.weights.remove()
 
-    picky = _method(tiny, perturbations=1, max_perturbations=1, candidates=10)
-    prev = {k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) for k, v in arrays.items()}
-    _, head = picky.client_update(0, 1, {**arrays, **{"prev/" + k: v for k, v in prev.items()}}, header, seed=1)
-    picky.weights.remove()
-    assert 0 <= head["steps"][0] < 10
     from bbfl.optim.zeroth_order import direction
 
-    flat_prev = np.concatenate([prev[k].ravel() for k in picky.names])
+    picky = _method(tiny, perturbations=1, max_perturbations=1, candidates=10)
     shapes = [v.shape for v in arrays.values()]
-    cos = []
-    for i in range(10):
-        z = np.concatenate([d.numpy().ravel() for d in direction(shapes, 1, i)])
-        cos.append(z @ flat_prev / np.linalg.norm(z) / np.linalg.norm(flat_prev))
-    assert head["steps"][0] == int(np.argmax(cos))  # the candidate most aligned with the previous gradient
+    for planted in (3, 8):  # the previous gradient *is* candidate `planted`'s direction (cosine 1)
+        prev = {"prev/" + k: d.numpy() for k, d in zip(arrays, direction(shapes, 1, planted))}
+        _, head = picky.client_update(0, 1, {**arrays, **prev}, header, seed=1)
+        assert head["steps"] == [planted]
+        _, head = picky.client_update(0, 1, {**arrays, **{k: -v for k, v in prev.items()}}, header, seed=1)
+        assert head["steps"] != [planted]  # its opposite is the least aligned candidate
+    picky.weights.remove()
+
+
+def test_pacing_takes_two_directions_before_reading_a_variance(tiny):
+    from bbfl.exceptions import ConfigError
+    from bbfl.methods.fwdllm.method import probe_variance
+
+    with pytest.raises(ConfigError, match="got 1"):
+        probe_variance([torch.ones(3)])
+    with pytest.raises(ConfigError, match="max_perturbations >= 2"):
+        FwdLLMConfig(perturbations=1, max_perturbations=1, variance_threshold=0.1)
+    lenient = _method(tiny, perturbations=1, max_perturbations=6, variance_threshold=1e9)
+    arrays, header = lenient.downlink(1)
+    assert len(lenient.client_update(0, 1, arrays, header, seed=1)[1]["steps"]) == 2
+    lenient.weights.remove()
+
+
+def _client_loss(method, weights: dict, data) -> float:
+    method.weights.load_arrays(weights)
+    return method.weights.forward_loss(data)
+
+
+def test_fwdllm_server_step_lowers_the_training_loss(tiny):
+    # one client whose batch is all its data: a small step along -g must lower that loss (a flipped sign
+    # anywhere between the estimate and the server's update would raise it)
+    bb, clients, test = tiny
+    m = FwdLLM(FwdLLMConfig(peft="bitfit", seed=7, batch_size=64, perturbations=4, lr=0.05), bb, clients, test, 1)
+    before = dict(m.global_weights)
+    arrays, header = m.downlink(1)
+    update, head = m.client_update(0, 1, arrays, header, seed=3)
+    m.aggregate(1, [(0, update, head)])
+    assert _client_loss(m, m.global_weights, clients[0]) < _client_loss(m, before, clients[0])
+    m.weights.remove()
+
+
+def test_fedkseed_server_step_lowers_the_training_loss(tiny):
+    bb, clients, test = tiny
+    cfg = FedKSeedConfig(peft="bitfit", num_seeds=64, local_steps=1, batch_size=64, lr=0.05, seed=7)
+    m = FedKSeed(cfg, bb, clients, test)
+    before = m.global_weights()
+    arrays, header = m.downlink(1)
+    update, head = m.client_update(0, 1, arrays, header, seed=3)
+    m.aggregate(1, [(0, update, head)])
+    after = m.global_weights()
+    assert not all(np.array_equal(after[k], before[k]) for k in after)
+    assert _client_loss(m, after, clients[0]) < _client_loss(m, before, clients[0])
+    m.weights.remove()
 
 
 def test_fedkseed_messages_and_replay_in_another_process(tiny, tiny_models, tmp_path):
@@ -165,15 +210,54 @@ def test_fedkseed_messages_and_replay_in_another_process(tiny, tiny_models, tmp_
     assert any(np.abs(local[k]).sum() > 0 for k in local if k.endswith("lora_B"))  # training moved B off zero
 
 
-def test_fedkseed_pro_prefers_seeds_with_large_history():
+def test_fedkseed_pro_probabilities_by_hand():
     from bbfl.methods.fedkseed import seed_probabilities
 
-    c = np.zeros(8, dtype=np.float32)
-    assert seed_probabilities(c, pro=True) is None  # nothing learned yet: uniform
-    c[3] = 2.0
-    p = seed_probabilities(c, pro=True)
-    assert p.argmax() == 3 and p.min() > 0 and p.sum() == pytest.approx(1.0)
-    assert seed_probabilities(c, pro=False) is None
+    # histories (each starts with one 0): seed 0 [0, 2, -4] -> amp 2; seed 1 [0] -> 0; seed 2 [0, -1] -> 0.5;
+    # seed 3 [0, 3000 clipped to 1000] -> 500. min-max: [0.004, 0, 0.001, 1]; softmax: e^x / 5.7233
+    amps = np.array([2.0, 0.0, 0.5, 500.0])
+    normalised = amps / (500.0 + 1e-10)
+    expected = np.exp(normalised) / np.exp(normalised).sum()
+    assert expected.round(4).tolist() == [0.1754, 0.1747, 0.1749, 0.475]
+    np.testing.assert_allclose(
+        seed_probabilities(np.array([6.0, 0.0, 1.0, 1000.0]), np.array([3, 1, 2, 2])), expected, rtol=1e-12
+    )
+    # signed sums cancel (+1 - 1 = 0), magnitudes do not: seed 0 beats the never-used seed 1
+    p = seed_probabilities(np.array([2.0, 0.0]), np.array([3, 1]))
+    assert p[0] > p[1] and p.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(seed_probabilities(np.zeros(5), np.ones(5)), 0.2)  # nothing yet: uniform
+
+
+def test_fedkseed_pro_server_history_drives_the_next_round(tiny, tmp_path):
+    bb, clients, test = tiny
+    cfg = FedKSeedConfig(peft="bitfit", num_seeds=16, local_steps=4, batch_size=8, lr=0.05, seed=7, pro=True)
+    m = FedKSeed(cfg, bb, clients, test)
+    arrays, header = m.downlink(1)
+    np.testing.assert_allclose(arrays["seed_probabilities"], 1 / 16)  # round 1: uniform
+    updates = [(c, *m.client_update(c, 1, arrays, header, seed=10 + c)) for c in range(2)]
+    m.aggregate(1, updates)
+    counts = sum(u["counts"] for _, u, _ in updates)
+    assert counts.sum() == 2 * 4 and np.array_equal(m.counts, 1 + counts)
+    used = counts > 0
+    amps = m.abs_sums / m.counts
+    assert (amps[used] > 0).all() and (amps[~used] == 0).all()
+    probs = m.downlink(2)[0]["seed_probabilities"]
+    assert probs[used].min() > probs[~used].max()  # seeds with larger history are drawn more
+    saved = m.state()
+    m.weights.remove()
+    again = FedKSeed(cfg, bb, clients, test)
+    again.load_state(*saved)
+    np.testing.assert_array_equal(again.downlink(2)[0]["seed_probabilities"], probs)
+    again.weights.remove()
+
+
+def test_half_precision_step_below_resolution_warns():
+    from bbfl.optim.zeroth_order import warn_if_step_unresolved
+
+    with pytest.warns(UserWarning, match=r"eps=0.0005 is below what a bfloat16 forward resolves \(>= 0.005\)"):
+        assert warn_if_step_unresolved(5e-4, torch.bfloat16, "eps")
+    assert not warn_if_step_unresolved(5e-4, torch.float32, "eps")
+    assert not warn_if_step_unresolved(1e-2, torch.bfloat16, "h")
 
 
 @pytest.mark.parametrize("command", ["fwdllm", "fedkseed"])
@@ -187,14 +271,21 @@ def test_cli_runs_resumes_and_reports_peak_memory(tiny_models, tmp_path, command
     args = [command, "--model", str(tiny_models["bert"]), "--rounds", "2", "--clients", "3", "--k-shot", "6"]
     args += ["--test-limit", "10", "--peft", "bitfit", "--out", str(tmp_path)]
     args += ["--local-steps", "2"] if command == "fedkseed" else ["--uplink", "seed"]
+    peak_before = peak_memory_mb()["cpu_peak_rss_mb"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     run_dir = next(tmp_path.iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 2 and summary["cpu_peak_rss_mb"] > 50
+    # the process's own peak RSS (MB) while the run was in it: a wrong unit or source would leave the bracket
+    assert summary["rounds"] == 2 and peak_before <= summary["cpu_peak_rss_mb"] <= peak_memory_mb()["cpu_peak_rss_mb"]
     assert {"accuracy_vs_round.png", "peft.safetensors", "metrics.jsonl"} <= {p.name for p in run_dir.iterdir()}
+    metrics, weights = (run_dir / "metrics.jsonl").read_bytes(), load_arrays(run_dir / "peft.safetensors")[0]
     resumed = CliRunner().invoke(app, [command, "--resume", str(run_dir)])  # already done: nothing to redo
     assert resumed.exit_code == 0, resumed.output
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # no round re-run, no record appended
+    again = load_arrays(run_dir / "peft.safetensors")[0]
+    assert sorted(again) == sorted(weights) and all(np.array_equal(again[k], weights[k]) for k in weights)
+    assert json.loads((run_dir / "summary.json").read_text()) == summary  # same queries, same accuracy
     bad = CliRunner().invoke(app, [command, "--peft", "qlora", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "qlora" in bad.output and "lora, bitfit" in bad.output
 

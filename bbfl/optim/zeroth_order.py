@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,6 +24,29 @@ import torch
 from bbfl.exceptions import ConfigError
 
 Loss = Callable[[], float]  # evaluates the model as it is now (forward only)
+
+# The smallest finite-difference step a half-precision forward resolves. Measured (MiniLM, LoRA r = 8,
+# 16 SST-2 examples, 12 directions, scalars vs. the fp32 forward's): bf16 at 5e-4 is 31% off (corr
+# 0.97), at 2e-3 13%, at 5e-3 6% (corr 0.998), at 1e-2 4%. fp16 keeps 3 more mantissa bits: 8x finer.
+MIN_STEP = {torch.bfloat16: 5e-3, torch.float16: 5e-3 / 8}
+
+
+def warn_if_step_unresolved(h: float, dtype: torch.dtype, name: str) -> bool:
+    """Warn (and return True) when a finite-difference step ``h`` is below what a ``dtype`` forward resolves.
+
+    The tuned tensors stay fp32, but their effect enters the frozen model's half-precision activations,
+    which round it away: the scalars drift from the fp32 ones (see ``MIN_STEP``).
+    """
+    floor = MIN_STEP.get(dtype)
+    if floor is None or h >= floor:
+        return False
+    warnings.warn(
+        f"{name}={h:g} is below what a {str(dtype).removeprefix('torch.')} forward resolves (>= {floor:g}): "
+        f"the finite-difference scalars will be far from the fp32 ones; use {name} >= {floor:g} or float32",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def direction(shapes: Sequence[torch.Size], seed: int, step: int) -> list[torch.Tensor]:

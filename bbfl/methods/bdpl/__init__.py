@@ -8,6 +8,8 @@ from bbfl.methods.bdpl.method import (
     candidate_vocab,
     fedone_plan,
     fedone_round_queries,
+    pmi_ngrams,
+    policy_gradient,
     project_simplex,
     run_bdpl,
 )
@@ -20,6 +22,8 @@ __all__ = [
     "candidate_vocab",
     "fedone_plan",
     "fedone_round_queries",
+    "pmi_ngrams",
+    "policy_gradient",
     "project_simplex",
     "run_bdpl",
 ]

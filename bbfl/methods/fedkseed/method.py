@@ -9,6 +9,10 @@ initial PEFT weights w0 (both from the config's seed, so nothing but K numbers e
   importance), s = (L(w + eps z_k) - L(w - eps z_k)) / 2 eps on a batch, w -= lr s z_k, and adds s
   into its k-th accumulator (the upload: K floats);
 * the server averages the accumulators (weighted by client data size) and sets c += lr * mean.
+* FedKSeed-Pro (``pro``): the server keeps, per seed, the history of every scalar clients reported
+  (starting from one 0, as the official ``grad_initial``) - as a sum of |clip(s)| and a count, which is
+  all the official rule reads - and sends P = softmax(min-max(mean |clip(s)|)) down with c (K more
+  floats); a client also uploads its per-seed sums of |clip(s)| and step counts (2K more floats).
 
 Replay is bit-for-bit reproducible on any machine: z_k comes from the counter-based generator in
 :mod:`bbfl.optim.zeroth_order` and the coefficients are applied in a fixed order in fp32.
@@ -29,7 +33,7 @@ from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fedkseed.config import FedKSeedConfig
 from bbfl.methods.fwdllm.method import sample_batch
 from bbfl.methods.losses import accuracy
-from bbfl.optim.zeroth_order import apply_seed_update, central_difference
+from bbfl.optim.zeroth_order import apply_seed_update, central_difference, warn_if_step_unresolved
 from bbfl.peft import PeftWeights
 
 
@@ -41,12 +45,15 @@ def replay(initial: dict[str, np.ndarray], coefficients: np.ndarray, pool_seed: 
     return params
 
 
-def seed_probabilities(coefficients: np.ndarray, pro: bool) -> np.ndarray | None:
-    """FedKSeed-Pro: P(k) grows with |c_k| (smoothed by the mean so unused seeds stay possible); else uniform."""
-    magnitude = np.abs(coefficients.astype(np.float64))
-    if not pro or magnitude.sum() == 0:
-        return None
-    weights = magnitude + magnitude.mean()
+def seed_probabilities(abs_sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """FedKSeed-Pro's P(k): softmax over seeds of the min-max-normalised amp_k = mean |clip(s)| of seed k.
+
+    ``abs_sums[k]``: the sum of |clip(s)| over seed k's history; ``counts[k]``: its length (>= 1: the
+    history starts with one 0). Min-max uses the official 1e-10 guard, so equal amps give uniform P.
+    """
+    amp = np.asarray(abs_sums, dtype=np.float64) / np.asarray(counts, dtype=np.float64)
+    normalised = (amp - amp.min()) / (amp.max() - amp.min() + 1e-10)
+    weights = np.exp(normalised - normalised.max())
     return weights / weights.sum()
 
 
@@ -58,9 +65,13 @@ class FedKSeed(FederatedMethod):
             raise ConfigError("FedKSeed needs at least one client")
         self.config, self.blackbox, self.clients, self.test = config, blackbox, clients, test
         self.num_clients = len(clients)
+        warn_if_step_unresolved(config.eps, next(blackbox.model.parameters()).dtype, "eps")
         self.weights = PeftWeights(blackbox, config.peft_config(), seed=config.seed)
         self.initial = self.weights.to_arrays()
         self.coefficients = np.zeros(config.num_seeds, dtype=np.float32)
+        # FedKSeed-Pro: each seed's scalar history, as sum |clip(s)| and length (one initial 0 each)
+        self.abs_sums = np.zeros(config.num_seeds, dtype=np.float64)
+        self.counts = np.ones(config.num_seeds, dtype=np.float64)
         self.train_queries = 0
         self._replayed: tuple[bytes, list[torch.Tensor]] | None = None
 
@@ -72,10 +83,16 @@ class FedKSeed(FederatedMethod):
 
     # ------------------------------------------------------------------ messages
     def downlink(self, round_: int) -> tuple[Arrays, dict]:
-        return {"coefficients": self.coefficients}, {"round": round_}
+        arrays = {"coefficients": self.coefficients}
+        if self.config.pro:
+            arrays["seed_probabilities"] = seed_probabilities(self.abs_sums, self.counts).astype(np.float32)
+        return arrays, {"round": round_}
 
     def update_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"scalars": (self.config.num_seeds,)}
+        shapes = {"scalars": (self.config.num_seeds,)}
+        if self.config.pro:
+            shapes.update(abs_clipped=(self.config.num_seeds,), counts=(self.config.num_seeds,))
+        return shapes
 
     def client_update(self, client: int, round_: int, arrays: Arrays, header: dict, seed: int) -> tuple[Arrays, dict]:
         cfg = self.config
@@ -83,8 +100,14 @@ class FedKSeed(FederatedMethod):
         self._load_global(coefficients)
         params, data = self.weights.params(), self.clients[client]
         rng = np.random.default_rng(seed)
-        probs = seed_probabilities(coefficients, cfg.pro)
+        probs = None
+        if cfg.pro:  # renormalised in float64: the wire carries float32
+            probs = np.asarray(arrays["seed_probabilities"], dtype=np.float64)
+            if probs.shape != (cfg.num_seeds,) or not np.isfinite(probs).all() or (probs < 0).any():
+                raise ConfigError(f"seed_probabilities must be {cfg.num_seeds} finite values >= 0")
+            probs = probs / probs.sum()
         accumulated = np.zeros(cfg.num_seeds, dtype=np.float64)
+        abs_clipped, counts = np.zeros(cfg.num_seeds), np.zeros(cfg.num_seeds)
         before = self.blackbox.counter.stats.queries
         for _ in range(cfg.local_steps):
             k = int(rng.choice(cfg.num_seeds, p=probs))
@@ -92,8 +115,13 @@ class FedKSeed(FederatedMethod):
             s, _ = central_difference(lambda b=batch: self.weights.forward_loss(b), params, cfg.seed, k, cfg.eps)
             apply_seed_update(params, cfg.seed, k, s, cfg.lr)  # the local MeZO step
             accumulated[k] += s
+            abs_clipped[k] += min(abs(s), cfg.pro_clip)
+            counts[k] += 1
         header = {"n": len(data), "queries": self.blackbox.counter.stats.queries - before}
-        return {"scalars": accumulated.astype(np.float32)}, header
+        update = {"scalars": accumulated.astype(np.float32)}
+        if cfg.pro:
+            update.update(abs_clipped=abs_clipped.astype(np.float32), counts=counts.astype(np.float32))
+        return update, header
 
     # ------------------------------------------------------------------ server
     def header_spec(self, client: int) -> dict:
@@ -108,7 +136,24 @@ class FedKSeed(FederatedMethod):
         mean = sum((h["n"] / total) * a["scalars"].astype(np.float64) for _, a, h in updates)
         self.coefficients = (self.coefficients + self.config.lr * mean).astype(np.float32)
         self.train_queries += sum(h["queries"] for _, _, h in updates)
+        if self.config.pro:
+            self._record_history(updates)
         return {"seeds_used": int(np.count_nonzero(self.coefficients))}
+
+    def _record_history(self, updates: list[tuple[int, Arrays, dict]]) -> None:
+        """FedKSeed-Pro: append every client's scalars to the seeds' histories (as sums and counts)."""
+        abs_sums = sum(a["abs_clipped"].astype(np.float64) for _, a, _ in updates)
+        counts = sum(np.rint(a["counts"].astype(np.float64)) for _, a, _ in updates)
+        bad = (
+            not (np.isfinite(abs_sums).all() and np.isfinite(counts).all())
+            or (abs_sums < 0).any()
+            or (counts < 0).any()
+            or (abs_sums > counts * self.config.pro_clip * (1 + 1e-6) + 1e-6).any()  # each |s| was clipped
+        )
+        if bad:
+            raise ConfigError("FedKSeed-Pro update: abs_clipped and counts must be finite, >= 0 and |s| <= pro_clip")
+        self.abs_sums += abs_sums
+        self.counts += counts
 
     def evaluate(self, round_: int) -> dict:
         self._load_global(self.coefficients)
@@ -118,10 +163,16 @@ class FedKSeed(FederatedMethod):
 
     # ------------------------------------------------------------------ checkpoint
     def state(self) -> tuple[Arrays, dict]:
-        return {"coefficients": self.coefficients}, {"train_queries": self.train_queries}
+        arrays = {"coefficients": self.coefficients}
+        if self.config.pro:
+            arrays.update(abs_sums=self.abs_sums, counts=self.counts)
+        return arrays, {"train_queries": self.train_queries}
 
     def load_state(self, arrays: Arrays, header: dict) -> None:
         self.coefficients = np.asarray(arrays["coefficients"], dtype=np.float32)
+        if self.config.pro:
+            self.abs_sums = np.asarray(arrays["abs_sums"], dtype=np.float64)
+            self.counts = np.asarray(arrays["counts"], dtype=np.float64)
         self.train_queries = int(header["train_queries"])
 
     def global_weights(self) -> dict[str, np.ndarray]:

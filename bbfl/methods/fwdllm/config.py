@@ -23,10 +23,11 @@ class FwdLLMConfig(PeftOptions):
         h: finite-difference step of ``central`` (FwdLLM: 0.01).
         perturbations: directions per client batch (FwdLLM: 1; pacing may add more).
         max_perturbations: pacing's cap per client batch.
-        variance_threshold: variance-controlled pacing: keep adding directions on the same batch while
-            the per-element variance of the mean estimate on the probe tensor (the last tuned tensor, nearest the
-            output: LoRA's first A matrices have no gradient while B = 0)
-            is above this. ``None`` switches pacing off.
+        variance_threshold: client-local variance pacing, bbfl's rule (FwdLLM's server-side pacing is
+            not implemented): keep adding directions on the same batch while the per-element variance
+            of the mean estimate on the probe tensor (the *last* tuned tensor, nearest the output:
+            LoRA's first A matrices have no gradient while B = 0) is above this; at least 2 directions
+            (a variance needs two). ``None`` switches pacing off.
         candidates: discriminative sampling: draw this many candidate directions per kept one and keep
             the one most aligned (cosine) with the previous global gradient (FwdLLM: 10). 1 = off.
         batch_size: examples per client batch (sampled from the client's data each round).
@@ -72,8 +73,13 @@ class FwdLLMConfig(PeftOptions):
         check_dp(self.dp_clip, self.dp_noise)
         if self.h <= 0 or self.lr <= 0:
             raise ConfigError(f"h and lr must be > 0, got {self.h}, {self.lr}")
-        if self.variance_threshold is not None and self.variance_threshold <= 0:
+        if self.variance_threshold is not None and not self.variance_threshold > 0:
             raise ConfigError(f"variance_threshold must be > 0 or None, got {self.variance_threshold}")
+        if self.variance_threshold is not None and self.max_perturbations < 2:
+            raise ConfigError(
+                f"variance pacing needs max_perturbations >= 2 (a variance needs two estimates), "
+                f"got {self.max_perturbations}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

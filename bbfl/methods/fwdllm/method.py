@@ -9,7 +9,10 @@ learning rate decays linearly to 0 over the rounds.
   the client's seed; perturbation and exact restore in place (:mod:`bbfl.optim.zeroth_order`).
 * ``jvp``: s_i = dL/dw . z_i exactly, by forward-mode AD (``torch.func.jvp``) - still no backward pass.
 * ``backprop``: the autograd gradient of the same loss - the baseline, in the same harness.
-* variance-controlled pacing: more directions on the same batch while the estimate is too noisy.
+* client-local variance pacing (bbfl's rule, not the paper's): more directions on the same batch
+  while the variance of the client's mean estimate on the probe tensor (the *last* tuned tensor) is
+  above ``variance_threshold``; a variance needs two estimates, so pacing always takes at least two.
+  FwdLLM's own pacing is decided by the server from all clients' gradients; it is not implemented here.
 * discriminative sampling: of ``candidates`` random directions keep the one most aligned with the
   previous global gradient (sent down only when this is on).
 * ``uplink="seed"``: only the scalars s_i travel up; the server regenerates each z_i from the
@@ -29,7 +32,7 @@ from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fwdllm.config import FwdLLMConfig
 from bbfl.methods.losses import accuracy
 from bbfl.methods.privacy import add_noise, noise_std
-from bbfl.optim.zeroth_order import Perturbation, direction, jvp_gradient
+from bbfl.optim.zeroth_order import Perturbation, direction, jvp_gradient, warn_if_step_unresolved
 from bbfl.peft import PeftWeights
 
 GRAD = "grad/"  # dense uplink keys: grad/<tensor name>
@@ -45,7 +48,12 @@ def sample_batch(data: Encoded, batch_size: int, seed: int) -> Encoded:
 
 
 def probe_variance(estimates: list[torch.Tensor]) -> float:
-    """Per-element variance of the mean of ``estimates`` (each one direction's s_i z_i on the probe tensor)."""
+    """Per-element variance of the mean of ``estimates`` (each one direction's s_i z_i on the probe tensor).
+
+    Needs at least two estimates (a sample variance of one is undefined).
+    """
+    if len(estimates) < 2:
+        raise ConfigError(f"the variance of a mean needs >= 2 estimates, got {len(estimates)}")
     stacked = torch.stack(estimates)
     return float(stacked.var(0, unbiased=True).mean() / len(estimates))
 
@@ -65,6 +73,8 @@ class FwdLLM(FederatedMethod):
             raise ConfigError("FwdLLM needs at least one client")
         self.config, self.blackbox, self.clients, self.test, self.rounds = config, blackbox, clients, test, rounds
         self.num_clients = len(clients)
+        if config.estimator == "central":
+            warn_if_step_unresolved(config.h, next(blackbox.model.parameters()).dtype, "h")
         self.weights = PeftWeights(blackbox, config.peft_config(), seed=config.seed)
         self.names = list(self.weights.tensors)
         self.global_weights = self.weights.to_arrays()  # the server's copy; the model holds a working copy
@@ -118,15 +128,22 @@ class FwdLLM(FederatedMethod):
         while len(steps) < cfg.max_perturbations:
             step, next_id = self._pick_direction(params, seed, next_id, prev)
             s, z = self._directional_derivative(batch, params, seed, step)
+            s = float(np.float32(s))  # the scalar as the seed uplink carries it: both uplinks give the same sums
             steps.append(step)
             scalars.append(s)
             total = [t + s * d for t, d in zip(total, z)]
             probes.append((s * z[-1]).flatten())  # probe: the last tuned tensor, nearest the output
-            if len(steps) >= cfg.perturbations and (
+            if len(steps) >= self._min_directions() and (
                 cfg.variance_threshold is None or probe_variance(probes) <= cfg.variance_threshold
             ):
                 break
         return [t / len(steps) for t in total], steps, scalars
+
+    def _min_directions(self) -> int:
+        # pacing reads a variance, which needs two estimates
+        return (
+            self.config.perturbations if self.config.variance_threshold is None else max(2, self.config.perturbations)
+        )
 
     def _pick_direction(self, params, seed: int, next_id: int, prev) -> tuple[int, int]:
         """FwdLLM's discriminative sampling: of ``candidates`` direction ids keep the best aligned one."""

@@ -49,6 +49,13 @@ class SurgeryEncoder(nn.Module):
         return self.encode(features)
 
 
+def new_encoder(in_dim: int, config: ZooPFLConfig, seed: int) -> SurgeryEncoder:
+    """A :class:`SurgeryEncoder` initialised from ``seed`` on a forked RNG: the global torch RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # nn.Linear draws its init from the global RNG; the fork keeps it private
+        return SurgeryEncoder(in_dim, config.hidden_dim, config.latent_dim)
+
+
 def example_features(blackbox: LocalBlackBox, data: Encoded) -> torch.Tensor:
     """[B, H] mean input word embedding of each example's ordinary tokens (original order), / embedding std.
 
@@ -94,8 +101,9 @@ class ZooPFL(FederatedMethod):
         std = config.alpha * blackbox.embedding_std / math.sqrt(config.code_dim)
         n_out = config.prompt_length * blackbox.hidden_size
         self.decoder = torch.randn(n_out, config.code_dim, generator=generator) * std  # fixed, never sent
-        torch.manual_seed(config.seed)  # the initial shared weights: the same on every run with this seed
-        self.encoder = SurgeryEncoder(blackbox.hidden_size, config.hidden_dim, config.latent_dim)
+        # the initial shared weights: the same on every run with this seed, drawn without touching the
+        # caller's global RNG
+        self.encoder = new_encoder(blackbox.hidden_size, config, seed=config.seed)
         self.client_states: dict[int, Arrays] = {}
         self.train_queries = 0  # of the aggregated updates, as their clients report them
         self._client_queries = 0
@@ -109,7 +117,7 @@ class ZooPFL(FederatedMethod):
         return {name: p.detach().numpy().astype(np.float32).copy() for name, p in module.state_dict().items()}
 
     def _module_from(self, arrays: Arrays) -> SurgeryEncoder:
-        module = SurgeryEncoder(self.blackbox.hidden_size, self.config.hidden_dim, self.config.latent_dim)
+        module = new_encoder(self.blackbox.hidden_size, self.config, seed=0)  # its weights are overwritten
         module.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()})
         return module
 
