@@ -49,6 +49,7 @@ class BlackBoxConfig:
     prompt_attention: str = "auto"
     max_length: int = 128
     max_tokens: int = 32768
+    prompt_position: str = "start"  # or "after_input" (causal LMs: shares the input's key/values)
 
     @classmethod
     def from_saved(cls, saved: dict) -> BlackBoxConfig:
@@ -77,6 +78,7 @@ class BlackBoxConfig:
             prompt_attention=self.prompt_attention,
             max_length=self.max_length,
             max_tokens=self.max_tokens,
+            prompt_position=self.prompt_position,
         )
 
 
