@@ -125,3 +125,25 @@ def test_download_command(smollm2):
     bad = runner.invoke(app, ["download", "gpt-17"])
     assert bad.exit_code == 2
     assert "unknown model name 'gpt-17'; known: smollm2" in bad.output
+
+
+def test_smollm2_lora_targets_q_and_v_projections(smollm2, sst2_sample):
+    """FwdLLM / FedKSeed's LoRA finds LLaMA's q_proj / v_proj, and a non-zero B changes the loss."""
+    from bbfl.peft import PeftConfig, PeftWeights
+
+    task, sample = sst2_sample
+    data = smollm2.encode(task, sample.head(6))
+    weights = PeftWeights(smollm2, PeftConfig(kind="lora", rank=4), seed=0)
+    try:
+        targets = {name.rsplit(".", 2)[-2] for name in weights.tensors}
+        assert targets == {"q_proj", "v_proj"}
+        assert len(weights.tensors) == 2 * 2 * smollm2.model.config.num_hidden_layers  # A and B on q and v
+        before = weights.forward_loss(data)
+        for name, tensor in weights.tensors.items():
+            if name.endswith("lora_B"):
+                tensor.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        after = weights.forward_loss(data)
+        assert np.isfinite(after) and abs(after - before) > 1e-3
+    finally:
+        weights.remove()
+    assert abs(weights.forward_loss(data) - before) < 1e-5  # hooks removed: the frozen model is untouched
