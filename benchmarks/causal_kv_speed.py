@@ -46,6 +46,13 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--k-shot", type=int, default=16, help="train examples per class (BBT: 16)")
+    ap.add_argument(
+        "--from-test",
+        type=int,
+        default=0,
+        help="score N random test/dev examples instead of the few-shot train set (SST-2's train set is "
+        "mostly short phrases; its dev sentences are ~25 tokens)",
+    )
     ap.add_argument("--prompt-length", type=int, default=10)
     ap.add_argument("--popsize", type=int, default=20)
     ap.add_argument("--intrinsic-dim", type=int, default=500)
@@ -59,6 +66,9 @@ def main() -> None:
 
     task = load_task(args.task, data_dir=args.data_dir, **CAUSAL_TEMPLATES[args.task])
     train, _ = few_shot(task.train, args.k_shot, seed=args.seed)
+    if args.from_test:
+        picked = np.random.default_rng(args.seed).choice(len(task.test), args.from_test, replace=False)
+        train = task.test.subset(picked)
     shared = LocalBlackBox(args.model, dtype=args.dtype, prompt_position="after_input")
     start_bb = LocalBlackBox(args.model, dtype=args.dtype, prompt_position="start")
     data, data_start = shared.encode(task, train), start_bb.encode(task, train)
