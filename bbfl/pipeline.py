@@ -104,6 +104,7 @@ class BlackBoxConfig:
     prompt_placement: str = "auto"
     max_length: int = 128
     max_tokens: int = 32768
+    prompt_position: str = "start"  # or "after_input" (causal LMs: shares the input's key/values)
 
     def __post_init__(self) -> None:
         # checked here, before any data or model is loaded (a model load can take 20 s)
@@ -165,6 +166,7 @@ class BlackBoxConfig:
             prompt_placement=self.prompt_placement,
             max_length=self.max_length,
             max_tokens=self.max_tokens,
+            prompt_position=self.prompt_position,
         )
 
 

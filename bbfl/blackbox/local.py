@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from bbfl.blackbox.base import QueryCounter
+from bbfl.blackbox.causal import PROMPT_POSITIONS, scores_after_input, split_off_tail, template_tail
 from bbfl.blackbox.placement import PromptPlacement, added_to_embedding_output, prompt_token_ids, resolve_placement
 from bbfl.blackbox.prefix import prefix_encode, supports_prefix
 from bbfl.exceptions import ConfigError
+from bbfl.models import resolve_model
 
 if TYPE_CHECKING:
     from bbfl.data import Split, Task
@@ -101,6 +103,9 @@ class LocalBlackBox:
     max_tokens : cap on candidate x example x token cells per forward (memory bound).
     budget : hard cap on queries (one candidate on one batch); ``None`` = unlimited.
     similarity_scale : the encoder head's logits are ``scale * cosine``.
+    prompt_position : ``start`` (the papers': prompt first) or ``after_input`` (causal head only:
+        ``[input][prompt][template tail]``, the input's key/values shared over the population, see
+        :mod:`bbfl.blackbox.causal`).
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class LocalBlackBox:
         max_tokens: int = 32768,
         budget: int | None = None,
         similarity_scale: float = 20.0,
+        prompt_position: str = "start",
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
@@ -128,15 +134,19 @@ class LocalBlackBox:
             raise ConfigError(f"max_length must be >= 8 and max_tokens >= 1, got {max_length}, {max_tokens}")
         self.max_length, self.max_tokens, self.similarity_scale = max_length, max_tokens, similarity_scale
         self.counter = QueryCounter(budget)
+        path = resolve_model(self.model_name)  # named models and .gguf files: a cached transformers dir
         try:
-            config = AutoConfig.from_pretrained(self.model_name)
+            config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load model {self.model_name!r}: {exc}") from exc
         self.head = _pick_head(config) if head == "auto" else head
         if self.head not in ("encoder", "mlm", "causal"):
             raise ConfigError(f"unknown head {head!r}; expected auto, encoder, mlm or causal")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
-        self.model = _load_model(self.model_name, self.head, self.dtype).to(self.device).eval()
+        if prompt_position not in PROMPT_POSITIONS or (prompt_position != "start" and self.head != "causal"):
+            raise ConfigError(f"prompt_position {prompt_position!r}: expected start, or after_input with a causal head")
+        self.prompt_position = prompt_position
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = _load_model(path, self.head, self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.body = self.model.base_model
         if prompt_attention == "auto":  # the paper's function; prefix is an opt-in variant
@@ -184,6 +194,10 @@ class LocalBlackBox:
             texts = task.format(split, self.tokenizer.mask_token)
         else:  # causal: the prompt ends where the label word would follow
             texts = task.format_before_mask(split)
+            if self.prompt_position == "after_input":  # the prompt goes between the input and this tail
+                tail = template_tail(task.template)
+                texts = split_off_tail(texts, tail)
+                self._tail_ids = torch.tensor(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         if self.head == "mlm":
             enc = [_keep_mask_in_view(ids, self.tokenizer.mask_token_id, t) for ids, t in zip(enc, texts)]
@@ -303,6 +317,8 @@ class LocalBlackBox:
 
     def _score_chunk(self, prompts: torch.Tensor, data: Encoded, ex: slice) -> torch.Tensor:
         ids = data.input_ids[ex]
+        if self.prompt_position == "after_input":
+            return scores_after_input(self.model, prompts, ids, self._tail_ids, self.label_ids, self._pad_id())
         input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=self._pad_id())
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in ids], batch_first=True)
         insert_at = self._insert_at()

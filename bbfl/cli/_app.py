@@ -44,7 +44,8 @@ def _main(
 # Options every command that drives a model shares (one definition, one help text).
 MODEL = typer.Option(
     None,
-    help="Local model dir, hub name, or http://HOST:PORT of a `bbfl serve` (token from $BBFL_SERVE_TOKEN) "
+    help="Local model dir, hub name, smollm2 (`bbfl download smollm2`), a .gguf file, "
+    "or http://HOST:PORT of a `bbfl serve` (token from $BBFL_SERVE_TOKEN) "
     "(default: embedded MiniLM).",
 )
 HEAD = typer.Option("auto", help="auto, encoder (similarity to label descriptions), mlm or causal.")
