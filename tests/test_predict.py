@@ -54,9 +54,9 @@ def bbt_run(data, tmp_path_factory) -> Path:
     return only_run(out)
 
 
-def forward_run(data: Path, out: Path, model: Path, command: str = "fwdllm", peft: str = "lora") -> Path:
-    args = [command, "--task", "sst2", "--data-dir", str(data), "--model", str(model), "--rounds", "2"]
-    args += ["--clients", "2", "--k-shot", "6", "--peft", peft, "--out", str(out)]
+def forward_run(data: Path, out: Path, model: Path, peft: str = "lora", extra: tuple[str, ...] = ()) -> Path:
+    args = ["fwdllm", "--task", "sst2", "--data-dir", str(data), "--model", str(model), "--rounds", "2"]
+    args += ["--clients", "2", "--k-shot", "6", "--peft", peft, "--out", str(out), *extra]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return only_run(out)
