@@ -10,7 +10,7 @@ bbfl eval runs/bbt-sst2-... --task sst2 --data-dir ../shared/data/sst2
 from __future__ import annotations
 
 # importing a command module registers its commands on `app`
-from bbfl.cli import bbt, bdpl, compare, download, fedbpt, flower, forward, serve, tasks, zoopfl  # noqa: E402, F401, I001
+from bbfl.cli import bbt, bdpl, compare, download, fedbpt, flower, forward, predict, serve, tasks, zoopfl  # noqa: E402, F401, I001
 from bbfl.cli._app import app, console
 
 __all__ = ["app", "console", "main"]
