@@ -26,6 +26,7 @@ from bbfl.report import RunDir
 
 SOFT_PROMPT_METHODS = ("bbt", "fedbpt")
 PEFT_METHODS = ("fwdllm", "fedkseed")
+PERSONAL_METHODS = ("zoopfl",)
 
 
 def task_of_run(config: dict, data_dir: str | None = None) -> Task:
@@ -63,9 +64,18 @@ class Predictor:
         run_dir: a finished run directory (bbt, fedbpt, fwdllm or fedkseed).
         model: another black box than the run's (local dir, hub name or ``bbfl serve`` URL).
         data_dir: where the run's task files are, if not where config.json says.
+        client: a ZooPFL client whose private surgery and re-mapping are used (``None``: the shared
+            surgery with a neutral client embedding and no re-mapping, as the run's global accuracy).
     """
 
-    def __init__(self, run_dir: str | Path, *, model: str | None = None, data_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        model: str | None = None,
+        data_dir: str | None = None,
+        client: int | None = None,
+    ) -> None:
         from bbfl.pipeline import BlackBoxConfig
 
         self.run = RunDir.open(run_dir)
@@ -75,6 +85,9 @@ class Predictor:
         bb_cfg = BlackBoxConfig.from_saved(config.get("blackbox") or {})
         if model is not None:
             bb_cfg = replace(bb_cfg, model=model, head="auto", prompt_attention="auto")
+        self.zoopfl, self.client = None, client
+        if client is not None and self.method not in PERSONAL_METHODS:
+            raise ConfigError(f"--client picks a ZooPFL client's model; {self.run.path} is a {self.method} run")
         if self.method in SOFT_PROMPT_METHODS:
             self.prompt = self._load_prompt()
             self.blackbox = bb_cfg.build()
@@ -83,9 +96,12 @@ class Predictor:
         elif self.method in PEFT_METHODS:
             self.prompt, self.weights = None, None
             self._load_peft(config, bb_cfg)
+        elif self.method in PERSONAL_METHODS:
+            self.prompt, self.weights = None, None
+            self._load_zoopfl(config, bb_cfg, data_dir)
         else:
             raise ConfigError(
-                f"bbfl predict reads runs of {', '.join(SOFT_PROMPT_METHODS + PEFT_METHODS)}; "
+                f"bbfl predict reads runs of {', '.join(SOFT_PROMPT_METHODS + PEFT_METHODS + PERSONAL_METHODS)}; "
                 f"{self.run.path} is a {self.method!r} run"
             )
 
@@ -128,10 +144,56 @@ class Predictor:
         arrays, _ = load_arrays(path)
         self.weights.load_arrays(arrays)
 
+    def _load_zoopfl(self, config: dict, bb_cfg, data_dir: str | None) -> None:
+        """The run's ZooPFL (rebuilt on its federation: the encoder's shapes) with its saved states.
+
+        Reads the server checkpoint and the client's newest state file of a finished round, without
+        touching the run directory (a resume would delete files of an unfinished round; predict does not).
+        """
+        import json
+
+        from bbfl.federation.engine import _client_files
+        from bbfl.pipeline import build_federated_method
+
+        ckpt = self.run.path / "server_state.safetensors"
+        if not ckpt.is_file():
+            raise ConfigError(f"{self.run.path} has no server_state.safetensors: no round finished")
+        if data_dir is not None:
+            config = {**config, "data": {**config["data"], "data_dir": data_dir}}
+        config = {**config, "blackbox": {**config["blackbox"], "model": bb_cfg.model}}
+        method, _ = build_federated_method(config)
+        arrays, meta = load_arrays(ckpt)
+        method.load_state(arrays, json.loads(meta["method"]))
+        done = json.loads(meta["engine"])["round"]
+        if self.client is not None:
+            if not 0 <= self.client < method.num_clients:
+                raise ConfigError(f"--client {self.client} is not a client of this run (0..{method.num_clients - 1})")
+            files = {r: p for r, p in _client_files(self.run.path, self.client).items() if r <= done}
+            if files:
+                method.load_client_state(self.client, load_arrays(files[max(files)])[0])
+        self.zoopfl, self.blackbox = method, method.blackbox
+
+    def _zoopfl_scores(self, data) -> torch.Tensor:
+        # ZooPFL's own scoring (method._scores): the surgery's per-example prefixes, then the client's
+        # re-mapping of the class scores; the global model is the shared encoder and a zero embedding
+        from bbfl.methods.zoopfl.method import example_features
+
+        method, feats = self.zoopfl, example_features(self.blackbox, data)
+        if self.client is None:
+            embedding = torch.zeros(method.config.client_embed_dim)
+            return method._scores(method.encoder, embedding, feats, data)
+        state = method._client_state(self.client)
+        personal = {k[4:]: v for k, v in state.items() if k.startswith("enc.")}
+        encoder = method._module_from(personal) if personal else method.encoder
+        scores = method._scores(encoder, torch.from_numpy(state["embedding"]), feats, data)
+        return scores @ torch.from_numpy(state["remap_weight"]).T + torch.from_numpy(state["remap_bias"])
+
     # ------------------------------------------------------------------ scoring
     def scores(self, split: Split) -> torch.Tensor:
         """[B, C] class scores of ``split`` (its labels are ignored), as the run's evaluation computes them."""
         data = self.blackbox.encode(self.task, split)
+        if self.zoopfl is not None:
+            return self._zoopfl_scores(data).float()
         if self.weights is not None:
             with torch.inference_mode():
                 return self.weights.scores(data).float().cpu()

@@ -86,7 +86,7 @@ def format_predictions(texts: list[str], labels: list[str], pred: np.ndarray, pr
 
 @app.command()
 def predict(
-    run_dir: str = typer.Argument(..., help="A finished run directory (bbt, fedbpt, fwdllm, fedkseed)."),
+    run_dir: str = typer.Argument(..., help="A finished run directory (bbt, fedbpt, fwdllm, fedkseed, zoopfl)."),
     input: str = typer.Option(
         "-", "--input", "-i", help="jsonl/json/csv/tsv file with a text column, or - (stdin, one text a line)."
     ),
@@ -99,6 +99,7 @@ def predict(
     batch_size: int = typer.Option(256, help="Texts per black-box call."),
     model: str | None = MODEL,
     data_dir: str | None = typer.Option(None, help="The run's task folder, if not where config.json says."),
+    client: int | None = typer.Option(None, help="ZooPFL: this client's private surgery and re-mapping."),
 ) -> None:
     """Classify texts with a run's result: predicted label and every class's probability."""
     from bbfl.predict import Predictor
@@ -109,7 +110,7 @@ def predict(
         if fmt not in OUTPUT_FORMATS:
             raise DataError(f"unknown output format {fmt!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
         texts, pairs, gold = read_inputs(input, text_col, pair_col)
-        predictor = Predictor(run_dir, model=model, data_dir=data_dir)
+        predictor = Predictor(run_dir, model=model, data_dir=data_dir, client=client)
         with Progress(*progress_bar().columns, console=err) as progress:  # stdout may carry the predictions
             bar = progress.add_task("predict", total=len(texts))
             pred, probs = predictor.predict(
