@@ -47,6 +47,8 @@ def _fedbpt(tiny_models, **overrides):
 def _build(name: str, tiny_models):
     if name == "fedbpt":
         return _fedbpt(tiny_models)
+    if name == "fedbpt-replay":  # seed + ranks instead of a mean and its step sizes
+        return _fedbpt(tiny_models, uplink="replay")
     task = load_task("demo")
     if name == "fedone":
         return small_fedone()
@@ -64,11 +66,12 @@ def _build(name: str, tiny_models):
         return FwdLLM(FwdLLMConfig(peft="bitfit", seed=7, batch_size=4, uplink="seed"), bb, clients, test, rounds=2)
     from bbfl.methods.fedkseed import FedKSeed, FedKSeedConfig
 
-    cfg = FedKSeedConfig(peft="bitfit", num_seeds=64, local_steps=2, batch_size=4, lr=0.05, seed=7)
+    pro = name == "fedkseed-pro"  # + per-seed |clip(s)| sums and step counts
+    cfg = FedKSeedConfig(peft="bitfit", num_seeds=64, local_steps=2, batch_size=4, lr=0.05, seed=7, pro=pro)
     return FedKSeed(cfg, bb, clients, test)
 
 
-METHODS = ["fedbpt", "zoopfl", "fwdllm", "fedkseed", "fedone"]
+METHODS = ["fedbpt", "fedbpt-replay", "zoopfl", "fwdllm", "fedkseed", "fedkseed-pro", "fedone"]
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +83,16 @@ def honest(tiny_models):
         arrays, header = method.downlink(1)
         _, (reply,) = run_clients_in_process(method, EngineConfig(rounds=1), 1, [1], arrays, header)
         out[name] = method, reply.header
+        out[name + ":arrays"] = reply.arrays
     return out
 
 
 def _breakages(name: str, field: Field) -> list:
     """Values that must never pass as ``field`` (whatever else the spec allows)."""
     bad = [float("nan"), float("inf"), -float("inf"), "1", None, True, {"x": 1}]
+    if field.kind == "str":
+        lo, hi = field.length
+        return [*[v for v in bad if v != "1"], 5, ["0"], "0" * (hi + 1)] + (["0" * (lo - 1)] if lo > 0 else [])
     scalar_bad = [*bad, [1]]
     if field.kind == "int":
         scalar_bad += [1e300, 2.5, 2**70]
@@ -138,6 +145,24 @@ def test_examples_are_bounded_by_the_clients_known_size(honest):
         validate_header({**header, "local_mu": 0}, method.header_spec(1))  # ZeroDivisionError at 98f65c7
 
 
+def test_fedkseed_pro_history_arrays_are_checked_per_client(honest):
+    """FedKSeed-Pro's |clip(s)| sums and step counts: an honest pair passes; inflated ones are rejected
+    before they reach the seed probabilities every client samples from."""
+    method, header = honest["fedkseed-pro"]
+    arrays = honest["fedkseed-pro:arrays"]
+    method.check_update(1, arrays, header)
+    steps, clip = method.config.local_steps, method.config.pro_clip
+    k = int(np.argmax(arrays["counts"]))
+    bad = {
+        "counts": [arrays["counts"] * 1000, arrays["counts"] - 2 * steps, arrays["counts"] + 0.5],
+        "abs_clipped": [arrays["abs_clipped"] - 1, np.where(np.arange(64) == k, clip * (steps + 1), 0)],
+    }
+    for key, values in bad.items():
+        for value in values:
+            with pytest.raises(InvalidUpdate, match=key):
+                method.check_update(1, {**arrays, key: value.astype(np.float32)}, header)
+
+
 def _mutated(value, rng: random.Random):
     choices = [
         lambda: float("nan"),
@@ -172,6 +197,7 @@ def test_fuzz_headers_end_in_a_rejection_or_pass_a_finite_spec(honest, name):
             rejected += 1
             continue
         flat = [v for k in spec for v in (mutant[k] if isinstance(mutant[k], list) else [mutant[k]])]
+        flat = [v for v in flat if not isinstance(v, str)]  # a str field passed its length check
         assert all(math.isfinite(v) for v in flat), mutant
     print(f"header fuzz {name}: {FUZZ_EXAMPLES} inputs, {rejected} rejected, 0 crashes")
     assert rejected >= FUZZ_EXAMPLES // 2

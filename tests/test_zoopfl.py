@@ -34,8 +34,9 @@ def test_zo_code_gradient_matches_autograd(tiny_models, estimator, q, min_cosine
     """On a white-box model the ZO estimate in code space must point where the true gradient points.
 
     (Random 6-D directions would give |cosine| ~ 0.2 over these 24 numbers; the tiny model's gradient is
-    small, ~7e-4, so mu = 0.03 keeps the float32 finite differences above rounding noise.)"""
-    bb = LocalBlackBox(str(tiny_models["bert"]), prompt_attention="full")
+    small, ~7e-4, so mu = 0.03 keeps the float32 finite differences above rounding noise; the prompt
+    enters as word embeddings, the function this tolerance was set on.)"""
+    bb = LocalBlackBox(str(tiny_models["bert"]), prompt_attention="full", prompt_placement="inputs_embeds")
     task = load_task("demo")
     data = bb.encode(task, task.train.head(4))
     torch.manual_seed(0)

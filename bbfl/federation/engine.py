@@ -267,6 +267,7 @@ def _run_round(
             validate_update(reply.arrays, method.update_shapes(), config.max_update_norm)
             if header_spec is not None:
                 validate_header(reply.header, header_spec(reply.client))
+            method.check_update(reply.client, reply.arrays, reply.header)
         except InvalidUpdate as exc:
             rejected.append({"client": reply.client, "reason": exc.reason})
             log.warning("round %d: client %d update rejected: %s", round_, reply.client, exc.reason)

@@ -32,12 +32,13 @@ MAX_COUNT = 2**53
 
 @dataclass(frozen=True)
 class Field:
-    """One header field: an ``int`` or ``float`` scalar, or a list of them (``length`` = (min, max) items).
+    """One header field: an ``int`` or ``float`` scalar, a list of them (``length`` = (min, max) items),
+    or a ``str`` of ``length`` characters (its content is the method's to parse).
 
     ``low``/``high`` bound the value (each item of a list), both inclusive; ``positive`` excludes 0.
     """
 
-    kind: str  # "int" or "float"
+    kind: str  # "int", "float" or "str" (a string whose length is in ``length``)
     low: float | None = None
     high: float | None = None
     length: tuple[int, int] | None = None  # a list of `kind` with this many items
@@ -64,6 +65,11 @@ def number_list(min_len: int, max_len: int, low: float | None = None, high: floa
     return Field("float", low, high, length=(min_len, max_len), positive=positive)
 
 
+def text(min_len: int, max_len: int) -> Field:
+    """A string of ``min_len``..``max_len`` characters (e.g. FedBPT's replay ranks)."""
+    return Field("str", length=(min_len, max_len))
+
+
 def validate_header(header: Any, spec: Mapping[str, Field]) -> None:
     """Raise :class:`InvalidUpdate` unless ``header`` holds exactly the fields of ``spec``, each valid."""
     if not isinstance(header, dict):
@@ -79,6 +85,13 @@ def validate_header(header: Any, spec: Mapping[str, Field]) -> None:
 
 
 def _check_field(name: str, value: Any, field: Field) -> None:
+    if field.kind == "str":
+        lo, hi = field.length or (0, MAX_COUNT)
+        if not isinstance(value, str):
+            raise InvalidUpdate(f"header field {name!r} should be a string, got {type(value).__name__} {_short(value)}")
+        if not lo <= len(value) <= hi:
+            raise InvalidUpdate(f"header field {name!r} has {len(value)} characters, expected {lo}..{hi}")
+        return
     if field.length is None:
         _check_scalar(f"header field {name!r}", value, field)
         return

@@ -49,6 +49,14 @@ class FederatedMethod(ABC):
     def load_state(self, arrays: Arrays, header: dict) -> None:
         """Inverse of :meth:`state`."""
 
+    def check_update(self, client: int, arrays: Arrays, header: dict) -> None:
+        """Method-specific checks of one update, after its shapes and header fields passed.
+
+        Raise :class:`bbfl.federation.wire.InvalidUpdate` to reject it (logged, the round goes on).
+        Most methods need nothing beyond ``update_shapes`` and ``header_spec``.
+        """
+        return None
+
     # Per-client state (personalised parts that never leave a client). Methods without any keep these
     # defaults; the engine persists what ``client_state`` returns next to its checkpoint.
     def client_state(self, client: int) -> Arrays | None:

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 
 from bbfl.blackbox import Encoded, LocalBlackBox
-from bbfl.federation.headers import count, number, number_list
+from bbfl.federation.headers import count, number, number_list, text
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bbt import SubspaceProjection
 from bbfl.methods.fedbpt.config import FedBPTConfig
@@ -95,15 +95,21 @@ class FedBPT(FederatedMethod):
     def header_spec(self, client: int) -> dict:
         """What an update header must hold (checked by the engine before :meth:`aggregate`)."""
         cfg = self.config
-        # pycma's CSA changes sigma by at most e per generation, from the sigma this round sent
-        sigma_max = self.sigma * np.e**cfg.local_iter
-        per_eval = 1 if self.perturbed[client] is None else 2
-        return {
+        per_eval = 2 if cfg.perturb_rate > 0 else 1  # the perturbed copy doubles each evaluation
+        common = {
             "fitness": number(),
-            "sigmas": number_list(cfg.local_iter, cfg.local_iter, high=sigma_max, positive=True),
-            "local_mu": count(1, cfg.local_popsize),
             "examples": count(1, len(self.clients[client])),
             "queries": count(0, (cfg.local_iter * cfg.local_popsize + 1) * per_eval),
+        }
+        if cfg.uplink == "replay":  # the ranks' content is checked when the server replays them
+            ranks = cfg.local_iter * cfg.local_popsize
+            return {**common, "seed": count(0, 2**32 - 1), "ranks": text(ranks, ranks)}
+        # pycma's CSA changes sigma by at most e per generation, from the sigma this round sent
+        sigma_max = self.sigma * np.e**cfg.local_iter
+        return {
+            **common,
+            "sigmas": number_list(cfg.local_iter, cfg.local_iter, high=sigma_max, positive=True),
+            "local_mu": count(1, cfg.local_popsize),
         }
 
     def aggregate(self, round_: int, updates: list[tuple[int, Arrays, dict]]) -> dict:

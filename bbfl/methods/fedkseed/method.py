@@ -28,6 +28,7 @@ import torch
 from bbfl.blackbox import Encoded, LocalBlackBox
 from bbfl.exceptions import ConfigError
 from bbfl.federation.headers import count
+from bbfl.federation.wire import InvalidUpdate
 from bbfl.memory import peak_memory_mb
 from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fedkseed.config import FedKSeedConfig
@@ -140,20 +141,24 @@ class FedKSeed(FederatedMethod):
             self._record_history(updates)
         return {"seeds_used": int(np.count_nonzero(self.coefficients))}
 
+    def check_update(self, client: int, arrays: Arrays, header: dict) -> None:
+        """FedKSeed-Pro's history arrays: whole step counts summing to the local steps, |s| clipped."""
+        if not self.config.pro:
+            return
+        counts = arrays["counts"].astype(np.float64)
+        abs_clipped = arrays["abs_clipped"].astype(np.float64)
+        if (counts < 0).any() or (counts != np.rint(counts)).any() or counts.sum() != self.config.local_steps:
+            raise InvalidUpdate(f"'counts' should be whole numbers >= 0 summing to {self.config.local_steps} steps")
+        if (abs_clipped < 0).any() or (abs_clipped > counts * self.config.pro_clip * (1 + 1e-6)).any():
+            raise InvalidUpdate(
+                f"'abs_clipped' should be in [0, counts x pro_clip = {self.config.pro_clip:g}] per seed"
+            )
+
     def _record_history(self, updates: list[tuple[int, Arrays, dict]]) -> None:
         """FedKSeed-Pro: append every client's scalars to the seeds' histories (as sums and counts)."""
-        abs_sums = sum(a["abs_clipped"].astype(np.float64) for _, a, _ in updates)
-        counts = sum(np.rint(a["counts"].astype(np.float64)) for _, a, _ in updates)
-        bad = (
-            not (np.isfinite(abs_sums).all() and np.isfinite(counts).all())
-            or (abs_sums < 0).any()
-            or (counts < 0).any()
-            or (abs_sums > counts * self.config.pro_clip * (1 + 1e-6) + 1e-6).any()  # each |s| was clipped
-        )
-        if bad:
-            raise ConfigError("FedKSeed-Pro update: abs_clipped and counts must be finite, >= 0 and |s| <= pro_clip")
-        self.abs_sums += abs_sums
-        self.counts += counts
+        # each update passed check_update (finite by validate_update, whole counts, clipped sums)
+        self.abs_sums += sum(a["abs_clipped"].astype(np.float64) for _, a, _ in updates)
+        self.counts += sum(a["counts"].astype(np.float64) for _, a, _ in updates)
 
     def evaluate(self, round_: int) -> dict:
         self._load_global(self.coefficients)
