@@ -180,7 +180,8 @@ def _seed(config: dict) -> int | None:
 
 def _model_name(config: dict) -> str:
     box = config.get("blackbox") or {}
-    name = box.get("model") or box.get("base_url") or box.get("api_model") or "?"
+    # the embedded default is recorded as None plus its name (portable run directories)
+    name = box.get("model") or box.get("model_name") or box.get("base_url") or box.get("api_model") or "?"
     name = str(name)
     # an embedded model is recorded as a site-packages path in older runs: show its package's name
     return name.split("site-packages/")[-1].split("/")[0] if "site-packages/" in name else name
@@ -193,7 +194,12 @@ def _row(summary: dict, name: str) -> dict | None:
     return None
 
 
-def _zero_shot(summary: dict, records: list[dict]) -> float | None:
+def _zero_shot(method: str, summary: dict, records: list[dict]) -> float | None:
+    if _number(summary.get("zero_shot_test_accuracy")) is not None:  # FedBPT: besides round 0's start prompt
+        return _number(summary.get("zero_shot_test_accuracy"))
+    if method in ("fwdllm", "fedkseed") and summary.get("peft") != "prompt":
+        # round 0 is the untouched model (LoRA B = 0, zero deltas), i.e. zero-shot; a soft prompt's is not
+        return _number(summary.get("start_test_accuracy"))
     for row in summary.get("rows") or []:
         if isinstance(row, dict) and str(row.get("method", "")).startswith("zero-shot"):
             return _number(row.get("test_acc"))
@@ -265,7 +271,7 @@ def read_run(path: str | Path) -> RunResult:
         group=_group_key(config),
         finished=bool(summary),
         accuracy=accuracy,
-        zero_shot=_zero_shot(summary, records),
+        zero_shot=_zero_shot(method, summary, records),
         queries=queries,
         bytes_up=up,
         bytes_down=down,

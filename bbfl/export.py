@@ -62,6 +62,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> tuple[Path, str]:
     raise ConfigError(f"bbfl export reads bbt, fedbpt, fwdllm and fedkseed runs; {run.path} is a {method!r} run")
 
 
+def _save(model, out_dir) -> Path:
+    """``save_pretrained``, then the files follow the user's umask like every run file (peft writes 0600)."""
+    import os
+
+    from bbfl.io import current_umask
+
+    model.save_pretrained(out_dir)
+    for path in Path(out_dir).iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~current_umask())
+    return Path(out_dir)
+
+
 def _result(run: RunDir, name: str):
     path = run.path / name
     if not path.is_file():
@@ -69,13 +82,24 @@ def _result(run: RunDir, name: str):
     return load_arrays(path)
 
 
+def model_path(blackbox: dict) -> str:
+    """The run's model as a path or hub name transformers loads: the embedded default (recorded as None)
+    is this installation's copy, a named model or GGUF file its cached conversion."""
+    from bbfl.blackbox.local import default_model_path
+    from bbfl.models import resolve_model
+
+    model = blackbox.get("model")
+    if model is None:
+        return default_model_path()
+    if not isinstance(model, str) or model.startswith(("http://", "https://")):
+        raise ConfigError(f"export needs the run's local model, not the endpoint {model!r}")
+    return resolve_model(model)
+
+
 def _base_model(blackbox: dict):
     from bbfl.blackbox.local import _load_model
 
-    model = blackbox.get("model")
-    if not model or model.startswith(("http://", "https://")):
-        raise ConfigError(f"export needs the run's local model, not {model!r}")
-    return _load_model(model, blackbox.get("head", "auto"), torch.float32).eval()
+    return _load_model(model_path(blackbox), blackbox.get("head", "auto"), torch.float32).eval()
 
 
 def prompt_refusal(blackbox: dict) -> str | None:
@@ -94,7 +118,7 @@ def prompt_refusal(blackbox: dict) -> str | None:
     if head != "causal":
         why = "leaves the prompt out of its mean pooling" if head == "encoder" else "reads a [MASK] after [CLS]"
         return f"the {head} head {why}; PEFT prompt tuning exports here only for causal LMs"
-    tokenizer = AutoTokenizer.from_pretrained(blackbox["model"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path(blackbox))
     first = tokenizer("a")["input_ids"][0]
     if first in (tokenizer.cls_token_id, tokenizer.bos_token_id):
         return (
@@ -113,13 +137,12 @@ def _export_prompt(prompt: torch.Tensor, blackbox: dict, out_dir) -> Path:
     if base.get_input_embeddings().weight.shape[1] != prompt.shape[1]:
         raise ConfigError(f"the prompt is {prompt.shape[1]}-wide, the run's model embeds in another width")
     cfg = peft.PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=int(prompt.shape[0]), base_model_name_or_path=blackbox["model"]
+        task_type="CAUSAL_LM", num_virtual_tokens=int(prompt.shape[0]), base_model_name_or_path=model_path(blackbox)
     )
     model = peft.get_peft_model(base, cfg)
     with torch.no_grad():
         model.prompt_encoder["default"].embedding.weight.copy_(prompt)
-    model.save_pretrained(out_dir)
-    return Path(out_dir)
+    return _save(model, out_dir)
 
 
 def _export_lora(arrays: dict, blackbox: dict, options: dict, out_dir) -> Path:
@@ -137,7 +160,7 @@ def _export_lora(arrays: dict, blackbox: dict, options: dict, out_dir) -> Path:
         bias="none",
         target_modules=names,  # the exact layers bbfl tuned
         task_type=task_type,
-        base_model_name_or_path=blackbox["model"],
+        base_model_name_or_path=model_path(blackbox),
     )
     model = peft.get_peft_model(base, cfg)
     inner = model.base_model.model
@@ -146,5 +169,4 @@ def _export_lora(arrays: dict, blackbox: dict, options: dict, out_dir) -> Path:
             layer = inner.get_submodule(name)
             layer.lora_A["default"].weight.copy_(torch.from_numpy(arrays[f"{name}.lora_A"]))
             layer.lora_B["default"].weight.copy_(torch.from_numpy(arrays[f"{name}.lora_B"]))
-    model.save_pretrained(out_dir)
-    return Path(out_dir)
+    return _save(model, out_dir)

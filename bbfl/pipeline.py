@@ -116,6 +116,13 @@ class BlackBoxConfig:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; expected one of {', '.join(sorted(DTYPES))}")
         if self.prompt_attention not in ("auto", "prefix", "full"):
             raise ConfigError(f"unknown --prompt-attention {self.prompt_attention!r}; expected auto, prefix or full")
+        if self.prompt_placement not in ("auto", "after_embeddings", "inputs_embeds"):
+            raise ConfigError(
+                f"unknown --prompt-placement {self.prompt_placement!r}; "
+                "expected auto, after_embeddings or inputs_embeds"
+            )
+        if self.prompt_position not in ("start", "after_input"):
+            raise ConfigError(f"unknown --prompt-position {self.prompt_position!r}; expected start or after_input")
         if not self.is_remote:
             resolve_device(self.device)
 

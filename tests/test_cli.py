@@ -69,3 +69,15 @@ def test_bbt_demo_run_then_eval(tmp_path):
     evaluated = runner.invoke(app, ["eval", str(run_dir)])
     assert evaluated.exit_code == 0, evaluated.output
     assert f"{bbt_row['test_acc']:.4f}" in evaluated.output  # the saved prompt re-scores identically
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(None, "after_embeddings"), ("inputs_embeds", "inputs_embeds")])
+def test_prompt_placement_flag_reaches_the_black_box(tmp_path, tiny_models, flag, expected):
+    """An MLM head on BERT defaults to the official placement; --prompt-placement picks ours instead."""
+    args = ["bbt", "--model", str(tiny_models["bert"]), "--head", "mlm", "--budget", "10", "--popsize", "5"]
+    args += ["--prompt-length", "4", "--intrinsic-dim", "20", "--k-shot", "2", "--test-limit", "8"]
+    args += ["--out", str(tmp_path)] + (["--prompt-placement", flag] if flag else [])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = tmp_path.glob("bbt-demo-*")
+    assert json.loads((run_dir / "config.json").read_text())["blackbox"]["prompt_placement"] == expected

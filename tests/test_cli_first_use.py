@@ -66,6 +66,8 @@ def test_errors_name_the_flag_not_the_field(args, flag):
         (["bbt", "--dtype", "int8"], "unknown --dtype 'int8'"),
         (["fedbpt", "--head", "foo"], "unknown --head 'foo'"),
         (["fwdllm", "--dtype", "int8"], "unknown --dtype 'int8'"),
+        (["bbt", "--prompt-placement", "middle"], "unknown --prompt-placement 'middle'"),
+        (["fedbpt", "--prompt-position", "end"], "unknown --prompt-position 'end'"),
     ],
 )
 def test_blackbox_flags_are_checked_before_the_model_loads(monkeypatch, args, message):

@@ -57,7 +57,9 @@ def test_groups_seeds_and_reports_what_the_runs_recorded(runs, tmp_path):
     assert fed["accuracy_mean"] == pytest.approx(fed_summary["test_accuracy"])
     assert fed["bytes_up_per_client_round"] == fed_summary["bytes_up_per_client_round"] > 0
     assert fed["queries"] == fed_summary["train_queries"] > 0
+    assert fed["zero_shot_mean"] == pytest.approx(fed_summary["zero_shot_test_accuracy"])  # not round 0's start
     assert "task demo" in title
+    assert "all-MiniLM-L6-v2" in title  # the embedded model (recorded as None + its name), not "?"
 
     for name in ("accuracy_vs_queries", "accuracy_vs_bytes"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

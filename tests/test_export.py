@@ -16,9 +16,12 @@ import torch
 from typer.testing import CliRunner
 
 from bbfl.cli import app
+from tests.conftest import require_module
 from tests.test_predict import forward_run, only_run, small_sst2
 
-peft = pytest.importorskip("peft", reason="bbfl export is tested against the real peft package (test extra)")
+require_module("peft")  # bbfl export is tested against the real peft package (test extra); CI fails without it
+import peft  # noqa: E402
+
 runner = CliRunner()
 
 
@@ -130,3 +133,30 @@ def test_bitfit_export_is_refused_in_one_line(data, tiny_models, tmp_path):
     result = runner.invoke(app, ["export", str(run_dir), str(tmp_path / "adapter")])
     assert result.exit_code == 2 and "'bitfit' result has no Hugging Face PEFT format" in result.output
     assert not (tmp_path / "adapter").exists()
+
+
+def test_lora_export_of_a_run_on_the_embedded_model(data, tmp_path):
+    """The default model is recorded as None (portable run dirs): export resolves it to the installed copy."""
+    import os
+    import stat
+
+    from transformers import AutoModel
+
+    from bbfl.blackbox import default_model_path
+    from bbfl.io import current_umask, load_arrays
+
+    args = ["fwdllm", "--task", "sst2", "--data-dir", str(data), "--rounds", "1", "--clients", "2"]
+    args += ["--k-shot", "4", "--peft", "lora", "--lr", "100", "--out", str(tmp_path / "runs")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run_dir = only_run(tmp_path / "runs")
+    assert json.loads((run_dir / "config.json").read_text())["blackbox"]["model"] is None
+    out = export(run_dir, tmp_path / "adapter")
+    for path in out.iterdir():  # peft writes 0600; export leaves the files as the umask says
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~current_umask(), path
+    model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(default_model_path()), out).eval()
+    arrays, _ = load_arrays(run_dir / "peft.safetensors")
+    name = next(k for k in arrays if k.endswith(".lora_B"))
+    exported = model.base_model.model.get_submodule(name.rsplit(".lora_", 1)[0]).lora_B["default"].weight
+    assert np.abs(arrays[name]).max() > 0  # the run moved B away from its zero start
+    np.testing.assert_array_equal(exported.detach().numpy(), arrays[name])

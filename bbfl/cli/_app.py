@@ -54,6 +54,16 @@ DTYPE = typer.Option("float32", help="float32, bfloat16 or float16 for the froze
 PROMPT_ATTENTION = typer.Option(
     "auto", help="full (the BBT paper's function; auto) or prefix (faster: prompt reads only itself)."
 )
+PROMPT_PLACEMENT = typer.Option(
+    "auto",
+    help="Where the soft prompt enters: after_embeddings (official BBT: A z added to the embedding layer's "
+    "output; auto for MLM heads on BERT/RoBERTa) or inputs_embeds (p0 + A z fed as word embeddings; auto otherwise).",
+)
+PROMPT_POSITION = typer.Option(
+    "start",
+    help="start (the papers': prompt before the input) or after_input (causal head: [input][prompt][tail], "
+    "the input's key/values computed once and shared by the whole population; exact).",
+)
 MAX_LENGTH = typer.Option(128, help="Truncate examples to this many tokens.")
 OUT = typer.Option("runs", help="Parent folder of the run directory.")
 # data options every command that loads a task shares

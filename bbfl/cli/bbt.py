@@ -13,6 +13,8 @@ from bbfl.cli._app import (
     MODEL,
     OUT,
     PROMPT_ATTENTION,
+    PROMPT_PLACEMENT,
+    PROMPT_POSITION,
     STRICT,
     TEST_LIMIT,
     app,
@@ -58,6 +60,8 @@ def bbt(
     device: str = DEVICE,
     dtype: str = DTYPE,
     prompt_attention: str = PROMPT_ATTENTION,
+    prompt_placement: str = PROMPT_PLACEMENT,
+    prompt_position: str = PROMPT_POSITION,
     max_length: int = MAX_LENGTH,
     whitebox: bool = typer.Option(False, help="Also run white-box prompt tuning (backprop) as a reference."),
     whitebox_steps: int = typer.Option(200, help="Adam steps for --whitebox."),
@@ -102,7 +106,14 @@ def bbt(
             task=task, data_dir=data_dir, spec_file=spec, k_shot=k_shot, test_limit=test_limit, strict=strict
         )
         bb_cfg = BlackBoxConfig(
-            model=model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
+            model=model,
+            head=head,
+            device=device,
+            dtype=dtype,
+            prompt_attention=prompt_attention,
+            prompt_placement=prompt_placement,
+            prompt_position=prompt_position,
+            max_length=max_length,
         )
         with interrupt_hint("bbt") as hint, progress_bar() as progress:
             bar = progress.add_task("BBT", total=budget)

@@ -18,6 +18,8 @@ from bbfl.cli._app import (
     MODEL,
     OUT,
     PROMPT_ATTENTION,
+    PROMPT_PLACEMENT,
+    PROMPT_POSITION,
     STRICT,
     TEST_LIMIT,
     app,
@@ -82,6 +84,8 @@ def fedbpt(
     device: str = DEVICE,
     dtype: str = DTYPE,
     prompt_attention: str = PROMPT_ATTENTION,
+    prompt_placement: str = PROMPT_PLACEMENT,
+    prompt_position: str = PROMPT_POSITION,
     max_length: int = MAX_LENGTH,
     out: str = OUT,
     resume: str | None = typer.Option(None, help="Continue an interrupted run directory from its last round."),
@@ -149,7 +153,14 @@ def fedbpt(
             seed=seed,
         )
         bb_cfg = BlackBoxConfig(
-            model=model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
+            model=model,
+            head=head,
+            device=device,
+            dtype=dtype,
+            prompt_attention=prompt_attention,
+            prompt_placement=prompt_placement,
+            prompt_position=prompt_position,
+            max_length=max_length,
         )
         with interrupt_hint("fedbpt") as hint, progress_bar() as progress:
             bar = progress.add_task("FedBPT", total=rounds)

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import typer
 
-from bbfl.cli._app import DEVICE, DTYPE, HEAD, MAX_LENGTH, MODEL, PROMPT_ATTENTION, app, console, fail
+from bbfl.cli._app import (
+    DEVICE,
+    DTYPE,
+    HEAD,
+    MAX_LENGTH,
+    MODEL,
+    PROMPT_ATTENTION,
+    PROMPT_PLACEMENT,
+    PROMPT_POSITION,
+    app,
+    console,
+    fail,
+)
 from bbfl.exceptions import BBFLError, ConfigError
 
 
@@ -28,6 +40,8 @@ def serve(
     device: str = DEVICE,
     dtype: str = DTYPE,
     prompt_attention: str = PROMPT_ATTENTION,
+    prompt_placement: str = PROMPT_PLACEMENT,
+    prompt_position: str = PROMPT_POSITION,
     max_length: int = MAX_LENGTH,
     max_request_mb: float = typer.Option(32.0, help="Largest request body, MiB (larger: HTTP 413)."),
     max_prompts: int = typer.Option(256, help="Candidate prompts per scores request (more: HTTP 422)."),
@@ -80,7 +94,14 @@ def serve(
         fail(ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {batch_wait_ms}"))
     try:
         blackbox = LocalBlackBox(
-            model, head=head, device=device, dtype=dtype, prompt_attention=prompt_attention, max_length=max_length
+            model,
+            head=head,
+            device=device,
+            dtype=dtype,
+            prompt_attention=prompt_attention,
+            prompt_placement=prompt_placement,
+            prompt_position=prompt_position,
+            max_length=max_length,
         )
     except BBFLError as exc:
         fail(exc)
