@@ -8,6 +8,7 @@ elsewhere the tests skip with the install command.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -147,3 +148,30 @@ def test_smollm2_lora_targets_q_and_v_projections(smollm2, sst2_sample):
     finally:
         weights.remove()
     assert abs(weights.forward_loss(data) - before) < 1e-5  # hooks removed: the frozen model is untouched
+
+
+def test_smollm2_served_chat_answers_through_its_chat_template(smollm2):
+    """`bbfl serve --model smollm2`: chat top_logprobs are the assistant's first token after the model's own
+    chat template, and they follow the review's sentiment (what FedOne / BDPL read through chat scoring)."""
+    from fastapi.testclient import TestClient
+
+    from bbfl.serve import create_app
+
+    question = "Is the sentiment of this movie review positive or negative? Answer with one word.\nReview: {}"
+    reviews = {
+        "positive": "A warm, funny and beautifully acted film.",
+        "negative": "Two hours of my life I will not get back; dull and stupid.",
+    }
+    assert "<|im_start|>" in smollm2.tokenizer.chat_template
+    with TestClient(create_app(smollm2, token=None)) as client:
+        for label, review in reviews.items():
+            body = {"messages": [{"role": "user", "content": question.format(review)}], "top_logprobs": 10}
+            resp = client.post("/v1/chat/completions", json={**body, "logprobs": True})
+            assert resp.status_code == 200, resp.text
+            top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            prob = {}  # "Positive" and "positive" are one answer: add their probabilities
+            for entry in top:
+                word = entry["token"].strip().lower()
+                prob[word] = prob.get(word, 0.0) + math.exp(entry["logprob"])
+            other = "negative" if label == "positive" else "positive"
+            assert prob.get(label, 0.0) > prob.get(other, 0.0), (label, top)

@@ -429,7 +429,7 @@ class Server:
         if not isinstance(messages, list) or not messages:
             raise APIError(422, "messages must be a non-empty list", param="messages")
         validate.integer(payload.get("n"), "n", 1, 1, default=1)
-        text = "\n".join(validate.message_text(m, i) for i, m in enumerate(messages))
+        text = self._chat_prompt(messages)
         k = validate.integer(payload.get("top_logprobs"), "top_logprobs", 0, self.limits.max_top_logprobs, default=0)
         want_logprobs = validate.flag(payload.get("logprobs"), "logprobs")
         logp, n_tokens = self._next_token([text])
@@ -446,6 +446,27 @@ class Server:
             "finish_reason": "length",
         }
         return self._response("chat.completion", payload, [choice], n_tokens, 1)
+
+    def _chat_prompt(self, messages: list) -> str:
+        """The text the model continues: a causal LM with a chat template reads the messages through it,
+        ending with the assistant's turn (as vLLM and llama.cpp serve chat), so top_logprobs are the
+        assistant's first token; other models read the message texts joined by newlines."""
+        contents = [validate.message_text(m, i) for i, m in enumerate(messages)]
+        tokenizer = self.bb.tokenizer
+        if self.bb.head != "causal" or not getattr(tokenizer, "chat_template", None):
+            return "\n".join(contents)
+        import jinja2  # transformers renders chat templates with it (a torch dependency too)
+
+        roles = [validate.message_role(m, i) for i, m in enumerate(messages)]
+        turns = [{"role": role, "content": content} for role, content in zip(roles, contents)]
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:  # e.g. a role order the template forbids
+            raise APIError(422, f"the model's chat template refused these messages: {exc}", "messages") from exc
+        bos = tokenizer.bos_token
+        if bos and text.startswith(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos) :]  # the tokenizer adds BOS itself: never twice
+        return text
 
     def _next_token(self, texts: list[str]) -> tuple[torch.Tensor, int]:
         """[N, V] log-probabilities of the token at the mask (MLM) or after the text (causal), and the token count."""

@@ -113,6 +113,18 @@ def message_text(message: Any, index: int) -> str:
     raise APIError(422, f"{name} must be a string or a list of text parts, got {_kind(content)}", "messages")
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def message_role(message: Any, index: int) -> str:
+    """A chat message's ``role``: one of OpenAI's roles (a chat template reads it)."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in CHAT_ROLES:
+        shown = role if isinstance(role, str) and len(role) <= 40 else _kind(role)
+        raise APIError(422, f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got {shown!r}", "messages")
+    return role
+
+
 def prompts_tensor(tensors: dict[str, torch.Tensor], hidden_size: int) -> torch.Tensor:
     """The soft prompts of a scores request: real floating point, ``[P, L, H]`` or ``[K, B, L, H]``, finite."""
     prompts = tensors.get("prompts")

@@ -1,0 +1,58 @@
+"""`bbfl serve` chat completions on a causal LM read the messages through the model's chat template, ending
+with the assistant's turn, as vLLM and llama.cpp do; models without one read the texts joined."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from bbfl.blackbox import LocalBlackBox
+from bbfl.serve import create_app
+
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a fine film"}]
+
+
+def top_logprobs(client: TestClient, path: str, body: dict) -> dict[str, float]:
+    resp = client.post(path, json=body)
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    if path.endswith("chat/completions"):
+        return {e["token"]: e["logprob"] for e in choice["logprobs"]["content"][0]["top_logprobs"]}
+    return choice["logprobs"]["top_logprobs"][0]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models) -> LocalBlackBox:
+    return LocalBlackBox(str(tiny_models["llama"]))
+
+
+def test_chat_reads_the_messages_through_the_chat_template(llama, monkeypatch):
+    monkeypatch.setattr(llama.tokenizer, "chat_template", TEMPLATE)
+    rendered = "<system> be brief\n<user> a fine film\n<assistant>"
+    with TestClient(create_app(llama, token=None)) as client:
+        chat = top_logprobs(client, "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 5})
+        same = top_logprobs(client, "/v1/completions", {"prompt": rendered, "logprobs": 5})
+        joined = top_logprobs(client, "/v1/completions", {"prompt": "be brief\na fine film", "logprobs": 5})
+    assert chat.keys() == same.keys()
+    assert all(chat[t] == pytest.approx(same[t], abs=1e-5) for t in chat)
+    assert chat != joined  # the template changed what the model reads
+
+
+def test_chat_without_a_template_joins_the_texts(llama, monkeypatch):
+    monkeypatch.setattr(llama.tokenizer, "chat_template", None)
+    with TestClient(create_app(llama, token=None)) as client:
+        chat = top_logprobs(client, "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 5})
+        joined = top_logprobs(client, "/v1/completions", {"prompt": "be brief\na fine film", "logprobs": 5})
+    assert all(chat[t] == pytest.approx(joined[t], abs=1e-5) for t in chat)
+
+
+@pytest.mark.parametrize(("role", "status"), [("wizard", 422), (None, 422), (["user"], 422)])
+def test_a_bad_role_is_a_422_naming_it(llama, monkeypatch, role, status):
+    monkeypatch.setattr(llama.tokenizer, "chat_template", TEMPLATE)
+    with TestClient(create_app(llama, token=None), raise_server_exceptions=False) as client:
+        resp = client.post("/v1/chat/completions", json={"messages": [{"role": role, "content": "hi"}]})
+    assert resp.status_code == status and "messages[0].role" in resp.text, resp.text
