@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +73,20 @@ def test_bad_config_names_field_and_value(field, value):
 
 
 @pytest.mark.slow
-def test_bbt_end_to_end_on_real_sst2_improves_on_its_start(tmp_path):
-    """A short real run: the dev-selected prompt must beat z = 0 on the training loss and not lose on dev."""
-    from bbfl.pipeline import BlackBoxConfig, DataConfig, run_bbt_experiment
+def test_bbt_end_to_end_on_real_agnews_beats_its_start_on_held_out_data(tmp_path):
+    """A short real run on AG News (where a prompt matters for MiniLM: white-box tuning gains ~6 points):
+    the training loss falls, the dev-selected prompt does not lose on dev, and the final prompt beats the
+    start (z = 0) on held-out test data that neither training nor selection saw. A search that returns
+    z = 0 or a random z fails the last check. (On SST-2 this short a run does not: there MiniLM's prompt
+    ceiling is ~1.6 points and the held-out loss of a 240-query prompt rose, 0.532 -> 0.537.)"""
+    from bbfl.blackbox import LocalBlackBox
+    from bbfl.io import load_arrays
+    from bbfl.methods.bbt import evaluate_prompt
+    from bbfl.pipeline import BlackBoxConfig, DataConfig, prepare_data, run_bbt_experiment
 
-    data = DataConfig(task="sst2", data_dir=str(shared_task_dir("sst2")), k_shot=8, test_limit=96)
-    cfg = BBTConfig(budget=240, popsize=12, prompt_length=8, intrinsic_dim=100, eval_every=48, seed=1)
-    run, rows = run_bbt_experiment(data, cfg, BlackBoxConfig(), out_root=tmp_path)
+    data = DataConfig(task="agnews", data_dir=str(shared_task_dir("agnews")), k_shot=4, test_limit=96)
+    cfg = BBTConfig(budget=120, popsize=10, prompt_length=10, intrinsic_dim=100, eval_every=40, seed=1)
+    run, rows = run_bbt_experiment(data, cfg, BlackBoxConfig(max_length=64), out_root=tmp_path)
     records = [r for r in run.metrics() if r.get("phase") == "bbt"]
     assert records[-1]["queries"] <= cfg.budget
     first_losses = [r["train_loss_mean"] for r in records[:2]]
@@ -90,4 +96,11 @@ def test_bbt_end_to_end_on_real_sst2_improves_on_its_start(tmp_path):
     assert by_method["bbt"]["dev_acc"] >= by_method["bbt start (z=0)"]["dev_acc"]
     for name in ("config.json", "metrics.jsonl", "summary.json", "prompt.safetensors", "bbt_loss.png"):
         assert (run.path / name).is_file(), name
-    assert os.path.getsize(run.path / "prompt.safetensors") > 0
+
+    task, _, _, test = prepare_data(data, cfg.seed)  # the recorded held-out rows, rebuilt
+    blackbox = LocalBlackBox(max_length=64)
+    held_out = blackbox.encode(task, test)
+    saved, _ = load_arrays(run.path / "prompt.safetensors")
+    final_loss = evaluate_prompt(blackbox, torch.as_tensor(saved["prompt"]), held_out)[1]
+    start_loss = evaluate_prompt(blackbox, torch.as_tensor(saved["prompt_init"]), held_out)[1]
+    assert final_loss < 0.97 * start_loss, (final_loss, start_loss)  # measured: 0.780 vs. 0.835 (seed 2: 0.803)
