@@ -9,6 +9,7 @@ activations, perturbation, gradients), and the total peak.
 
     python benchmarks/fwd_memory.py                                  # MiniLM, batches 8..128, CPU
     python benchmarks/fwd_memory.py --model roberta-large-random --batches 8 16 32
+    python benchmarks/fwd_memory.py --model smollm2 --batches 8 16 32   # LoRA on q_proj / v_proj
     python benchmarks/fwd_memory.py --device cuda --model roberta-large-random   # on a GPU machine
 
 ``roberta-large-random`` builds RoBERTa-large's shape (355 M parameters) with random weights from its
@@ -70,8 +71,9 @@ def _build(name: str, device: str):
         model = AutoModel.from_config(config)
     else:
         from bbfl.blackbox import default_model_path
+        from bbfl.models import resolve_model
 
-        path = default_model_path() if name == "minilm" else name
+        path = default_model_path() if name == "minilm" else resolve_model(name)  # smollm2, a .gguf, a dir
         config = AutoConfig.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
     model = model.to(device).eval().requires_grad_(False)
@@ -141,7 +143,9 @@ def measure_one(model_name: str, mode: str, batch: int, seq: int, device: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm", help="minilm, roberta-large-random or a local model dir")
+    parser.add_argument(
+        "--model", default="minilm", help="minilm, roberta-large-random, smollm2, a .gguf or a local model dir"
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--device", default="cpu")
