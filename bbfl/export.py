@@ -96,10 +96,10 @@ def model_path(blackbox: dict) -> str:
     return resolve_model(model)
 
 
-def _base_model(blackbox: dict):
+def _base_model(path: str, blackbox: dict):
     from bbfl.blackbox.local import _load_model
 
-    return _load_model(model_path(blackbox), blackbox.get("head", "auto"), torch.float32).eval()
+    return _load_model(path, blackbox.get("head", "auto"), torch.float32).eval()
 
 
 def prompt_refusal(blackbox: dict) -> str | None:
@@ -133,11 +133,12 @@ def _export_prompt(prompt: torch.Tensor, blackbox: dict, out_dir) -> Path:
     if reason is not None:
         raise ConfigError(f"this soft prompt is not expressible as a PEFT prompt-tuning adapter: {reason}")
     peft = _require_peft()
-    base = _base_model(blackbox)
+    path = model_path(blackbox)  # resolved once: a GGUF model's resolution hashes its file
+    base = _base_model(path, blackbox)
     if base.get_input_embeddings().weight.shape[1] != prompt.shape[1]:
         raise ConfigError(f"the prompt is {prompt.shape[1]}-wide, the run's model embeds in another width")
     cfg = peft.PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=int(prompt.shape[0]), base_model_name_or_path=model_path(blackbox)
+        task_type="CAUSAL_LM", num_virtual_tokens=int(prompt.shape[0]), base_model_name_or_path=path
     )
     model = peft.get_peft_model(base, cfg)
     with torch.no_grad():
@@ -150,7 +151,8 @@ def _export_lora(arrays: dict, blackbox: dict, options: dict, out_dir) -> Path:
     names = sorted({k.rsplit(".lora_", 1)[0] for k in arrays if ".lora_" in k})
     if not names:
         raise ConfigError(f"peft.safetensors holds no LoRA tensors (keys: {sorted(arrays)[:3]})")
-    base = _base_model(blackbox)
+    path = model_path(blackbox)  # resolved once: a GGUF model's resolution hashes its file
+    base = _base_model(path, blackbox)
     rank, alpha = int(options.get("rank", 8)), float(options.get("alpha", 16.0))
     task_type = "CAUSAL_LM" if blackbox.get("head") == "causal" else None
     cfg = peft.LoraConfig(
@@ -160,7 +162,7 @@ def _export_lora(arrays: dict, blackbox: dict, options: dict, out_dir) -> Path:
         bias="none",
         target_modules=names,  # the exact layers bbfl tuned
         task_type=task_type,
-        base_model_name_or_path=model_path(blackbox),
+        base_model_name_or_path=path,
     )
     model = peft.get_peft_model(base, cfg)
     inner = model.base_model.model

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bbfl.blackbox import LocalBlackBox
-from bbfl.blackbox.placement import LEGACY_PLACEMENT, prompt_origin
+from bbfl.blackbox.causal import PROMPT_POSITIONS
+from bbfl.blackbox.placement import LEGACY_PLACEMENT, PLACEMENTS, prompt_origin
 from bbfl.data import Split, Task, few_shot, limit_test, load_task
 from bbfl.data.sampling import holdout_per_client
 from bbfl.exceptions import ConfigError, DataError
@@ -116,13 +117,14 @@ class BlackBoxConfig:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; expected one of {', '.join(sorted(DTYPES))}")
         if self.prompt_attention not in ("auto", "prefix", "full"):
             raise ConfigError(f"unknown --prompt-attention {self.prompt_attention!r}; expected auto, prefix or full")
-        if self.prompt_placement not in ("auto", "after_embeddings", "inputs_embeds"):
+        if self.prompt_placement not in ("auto", *PLACEMENTS):
             raise ConfigError(
-                f"unknown --prompt-placement {self.prompt_placement!r}; "
-                "expected auto, after_embeddings or inputs_embeds"
+                f"unknown --prompt-placement {self.prompt_placement!r}; expected auto, {' or '.join(PLACEMENTS)}"
             )
-        if self.prompt_position not in ("start", "after_input"):
-            raise ConfigError(f"unknown --prompt-position {self.prompt_position!r}; expected start or after_input")
+        if self.prompt_position not in PROMPT_POSITIONS:
+            raise ConfigError(
+                f"unknown --prompt-position {self.prompt_position!r}; expected {' or '.join(PROMPT_POSITIONS)}"
+            )
         if not self.is_remote:
             resolve_device(self.device)
 

@@ -13,14 +13,13 @@ at this decoder scale, whatever the learning rate or the zeroth-order estimate.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import load_task
 from bbfl.methods.zoopfl import ZooPFLConfig
-from bbfl.methods.zoopfl.method import example_features, new_encoder
+from bbfl.methods.zoopfl.method import decode_prefixes, example_features, fixed_decoder, new_encoder
 
 
 def main() -> None:
@@ -35,18 +34,14 @@ def main() -> None:
     task = load_task(args.task, data_dir=args.data_dir)
     test = blackbox.encode(task, task.test)
     cfg = ZooPFLConfig(alpha=args.alpha, prompt_length=args.prompt_length)
-    dim = cfg.latent_dim + cfg.client_embed_dim
-    # the decoder exactly as ZooPFL draws it (same seed, same scaling)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    std = cfg.alpha * blackbox.embedding_std / math.sqrt(dim)
-    decoder = torch.randn(cfg.prompt_length * blackbox.hidden_size, dim, generator=generator) * std
+    dim = cfg.code_dim
+    decoder = fixed_decoder(cfg, blackbox)  # ZooPFL's own (same seed, same scaling)
     p0 = blackbox.token_embeddings(".", cfg.prompt_length).cpu()
     n = len(task.test)
 
     def predictions(codes: torch.Tensor) -> tuple[torch.Tensor, float]:
         with torch.inference_mode():
-            prefixes = (codes @ decoder.T).unflatten(-1, p0.shape) + p0
-            scores = blackbox.paired_logits(prefixes[None], test)[0].cpu()
+            scores = blackbox.paired_logits(decode_prefixes(codes, decoder, p0)[None], test)[0].cpu()
         predicted = scores.argmax(-1)
         return predicted, float((predicted == test.labels.cpu()).float().mean())
 
@@ -65,7 +60,7 @@ def main() -> None:
     print("| codes | mean \\|code\\| | decoded token / \\|p0 token\\| | predictions changed | accuracy |")
     print("|---|---|---|---|---|")
     for name, codes in cases.items():
-        decoded = float((codes @ decoder.T).unflatten(-1, p0.shape).norm(dim=-1).mean())
+        decoded = float((decode_prefixes(codes, decoder, p0) - p0).norm(dim=-1).mean())
         predicted, acc = predictions(codes)
         changed = int((predicted != base).sum())
         print(

@@ -73,6 +73,19 @@ def example_features(blackbox: LocalBlackBox, data: Encoded) -> torch.Tensor:
     return torch.nan_to_num(out / blackbox.embedding_std)  # an example of only special tokens -> zeros
 
 
+def fixed_decoder(config: ZooPFLConfig, blackbox: LocalBlackBox) -> torch.Tensor:
+    """[L * H, D] the surgery's fixed random decoder (BBT's projection scaling), rebuilt from the seed."""
+    generator = torch.Generator().manual_seed(config.seed)
+    std = config.alpha * blackbox.embedding_std / math.sqrt(config.code_dim)
+    n_out = config.prompt_length * blackbox.hidden_size
+    return torch.randn(n_out, config.code_dim, generator=generator) * std
+
+
+def decode_prefixes(codes: torch.Tensor, decoder: torch.Tensor, p0: torch.Tensor) -> torch.Tensor:
+    """[..., D] codes -> [..., L, H] soft prefixes p0 + D code."""
+    return (codes @ decoder.T).unflatten(-1, p0.shape) + p0
+
+
 class ZooPFL(FederatedMethod):
     """Server state (shared surgery weights) and client update of ZooPFL over a soft-prompt black box."""
 
@@ -97,10 +110,7 @@ class ZooPFL(FederatedMethod):
         self.test_features = [example_features(blackbox, c) for c in client_tests]
         self.global_test_features = example_features(blackbox, test)
         self.p0 = blackbox.token_embeddings(".", config.prompt_length).cpu()
-        generator = torch.Generator().manual_seed(config.seed)
-        std = config.alpha * blackbox.embedding_std / math.sqrt(config.code_dim)
-        n_out = config.prompt_length * blackbox.hidden_size
-        self.decoder = torch.randn(n_out, config.code_dim, generator=generator) * std  # fixed, never sent
+        self.decoder = fixed_decoder(config, blackbox)  # fixed, never sent
         # the initial shared weights: the same on every run with this seed, drawn without touching the
         # caller's global RNG
         self.encoder = new_encoder(blackbox.hidden_size, config, seed=config.seed)
@@ -213,9 +223,7 @@ class ZooPFL(FederatedMethod):
         return seen["scores"], float(base_loss.mean())
 
     def _prefixes(self, codes: torch.Tensor) -> torch.Tensor:
-        """[..., D] codes -> [..., L, H] soft prefixes p0 + D code."""
-        out = (codes @ self.decoder.T).unflatten(-1, self.p0.shape)
-        return out + self.p0
+        return decode_prefixes(codes, self.decoder, self.p0)
 
     def _scores(self, encoder, embedding, feats, data) -> torch.Tensor:
         with torch.no_grad():
