@@ -15,6 +15,8 @@ import json
 import statistics
 import tempfile
 
+import torch
+
 from bbfl.methods.bbt import BBTConfig
 from bbfl.methods.prompt_tuning import PromptTuningConfig
 from bbfl.pipeline import BlackBoxConfig, DataConfig, run_bbt_experiment
@@ -32,18 +34,33 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--prompt-attention", default="auto")
+    ap.add_argument("--model", default=None, help="model name, directory or .gguf (default: embedded MiniLM)")
+    ap.add_argument("--spec", default=None, help="task spec file (template, label words), e.g. a causal-LM template")
+    ap.add_argument("--prompt-position", default="start", help="causal LMs: start (the paper's) or after_input")
+    ap.add_argument("--whitebox-lr", type=float, default=None, help="white-box Adam lr (default: its config's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     per_method: dict[str, list[float]] = {}
     runs = []
     for seed in args.seeds:
-        data = DataConfig(task=args.task, data_dir=args.data_dir, k_shot=args.k_shot, test_limit=args.test_limit)
-        cfg = BBTConfig(budget=args.budget, prompt_length=args.prompt_length, seed=seed)
-        bb = BlackBoxConfig(max_length=args.max_length, prompt_attention=args.prompt_attention)
-        run, rows = run_bbt_experiment(
-            data, cfg, bb, tempfile.mkdtemp(prefix="bbfl-acc-"), PromptTuningConfig(steps=args.whitebox_steps)
+        data = DataConfig(
+            task=args.task, data_dir=args.data_dir, spec_file=args.spec, k_shot=args.k_shot, test_limit=args.test_limit
         )
+        cfg = BBTConfig(budget=args.budget, prompt_length=args.prompt_length, seed=seed)
+        bb = BlackBoxConfig(
+            model=args.model,
+            max_length=args.max_length,
+            prompt_attention=args.prompt_attention,
+            prompt_position=args.prompt_position,
+        )
+        whitebox = PromptTuningConfig(steps=args.whitebox_steps)
+        if args.whitebox_lr is not None:
+            whitebox = PromptTuningConfig(steps=args.whitebox_steps, lr=args.whitebox_lr)
+        run, rows = run_bbt_experiment(data, cfg, bb, tempfile.mkdtemp(prefix="bbfl-acc-"), whitebox)
         runs.append({"seed": seed, "run_dir": str(run.path), "rows": rows})
         for row in rows:
             per_method.setdefault(row["method"], []).append(row["test_acc"])
