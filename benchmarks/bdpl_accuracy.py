@@ -26,10 +26,9 @@ from pathlib import Path
 from bbfl.blackbox.openai_api import OpenAIBlackBox
 from bbfl.data import few_shot, load_task
 from bbfl.federation.engine import EngineConfig, run_federation
-from bbfl.federation.flower_local import free_port
 from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, run_bdpl
 from bbfl.methods.losses import accuracy
-from bbfl.serve import start_server_process
+from bbfl.processes import free_port, start_server_process
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
 

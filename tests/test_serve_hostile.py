@@ -233,7 +233,7 @@ def served(bert):
     ``((host, port), the app's Server)``."""
     import uvicorn
 
-    from bbfl.federation.flower_local import free_port
+    from bbfl.processes import free_port
 
     limits = ServeLimits()
     limits.body_timeout_s = 1.0  # set, not passed: the keep-alive test must run against servers without it too

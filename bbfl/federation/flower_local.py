@@ -20,44 +20,7 @@ import time
 from pathlib import Path
 
 from bbfl.exceptions import BBFLError, ConfigError
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the process was started as the leader of its own group
-    except ProcessLookupError:
-        pass
-
-
-def _descendants(root: int) -> list[int]:
-    """PIDs below ``root`` (Linux /proc), including children that started a session of their own."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process exited while we looked
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bbfl.processes import descendants, free_port, kill_pids, signal_group
 
 
 class LocalFederation:
@@ -161,17 +124,17 @@ class LocalFederation:
     def stop(self) -> None:
         """Stop every process started, with the helpers they spawned (flower-superexec, app processes)."""
         # the SuperLink starts its superexec in a session of its own, out of reach of killpg: note them all first
-        spawned = [pid for proc in self.processes for pid in _descendants(proc.pid)]
+        spawned = [pid for proc in self.processes for pid in descendants(proc.pid)]
         for proc in reversed(self.processes):
-            _signal_group(proc, signal.SIGTERM)
+            signal_group(proc, signal.SIGTERM)
         for proc in self.processes:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
                 proc.wait()
-            _signal_group(proc, signal.SIGKILL)  # children that outlive their parent (superexec) go too
-        _kill_pids(spawned)
+            signal_group(proc, signal.SIGKILL)  # children that outlive their parent (superexec) go too
+        kill_pids(spawned)
         self.processes = []
 
     def _spawn(self, name: str, args: list[str]) -> None:

