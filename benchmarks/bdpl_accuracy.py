@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bbfl.blackbox.openai_api import OpenAIBlackBox
+from bbfl.blackbox.openai import OpenAIBlackBox
 from bbfl.data import few_shot, load_task
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, run_bdpl

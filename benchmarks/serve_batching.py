@@ -3,7 +3,7 @@
 Starts `bbfl serve` twice on the same model (a subprocess each, killed at the end): once with batching
 off (``--max-batch-texts 1 --batch-wait-ms 0``: one forward per request, the old behaviour) and once
 with the defaults, and sends the same N single-text ``/v1/embeddings`` requests through the real
-``openai`` client from C client threads, the way :class:`~bbfl.blackbox.openai_api.OpenAIBlackBox`
+``openai`` client from C client threads, the way :class:`~bbfl.blackbox.openai.OpenAIBlackBox`
 scores one text per request. Reports requests per second, model calls per request (from
 ``/health``) and checks that both servers return the same vectors.
 

@@ -24,7 +24,7 @@ class KeywordBox:
 
 
 def text_batch(n: int, offset: int = 0):
-    from bbfl.blackbox.openai_api import TextBatch
+    from bbfl.blackbox.openai import TextBatch
 
     labels = torch.tensor([(i + offset) % 2 for i in range(n)])
     return TextBatch([f"example {i}" for i in range(n)], labels, ["bad", "good"], ["bad.", "good."])

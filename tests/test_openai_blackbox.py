@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bbfl.blackbox.openai_api import EndpointError, OpenAIBlackBox
+from bbfl.blackbox.openai import EndpointError, OpenAIBlackBox
 from bbfl.data import few_shot, load_task
 from bbfl.exceptions import BudgetExceeded, ConfigError
 
@@ -213,7 +213,7 @@ class KeywordBox:
 
 
 def keyword_data(n: int, offset: int = 0):
-    from bbfl.blackbox.openai_api import TextBatch
+    from bbfl.blackbox.openai import TextBatch
 
     labels = torch.tensor([(i + offset) % 2 for i in range(n)])
     return TextBatch([f"example {i}" for i in range(n)], labels, ["bad", "good"], ["bad.", "good."])

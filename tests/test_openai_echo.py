@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 
-from bbfl.blackbox.openai_api import OpenAIBlackBox
+from bbfl.blackbox.openai import OpenAIBlackBox
 from bbfl.data import few_shot, load_task
 from bbfl.exceptions import BudgetExceeded, ConfigError
 from bbfl.serve import spawn_server

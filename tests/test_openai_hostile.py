@@ -24,8 +24,8 @@ import openai
 import pytest
 import torch
 
+from bbfl.blackbox.openai import EndpointError, MalformedResponse, OpenAIBlackBox, TextBatch, UnsupportedEndpoint
 from bbfl.blackbox.openai.retry import should_retry
-from bbfl.blackbox.openai_api import EndpointError, MalformedResponse, OpenAIBlackBox, TextBatch, UnsupportedEndpoint
 from bbfl.exceptions import BBFLError, ConfigError
 from tests.test_openai_blackbox import chat_reply
 
