@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from bbfl.exceptions import ConfigError
+from bbfl.experiment import BlackBoxConfig, FederatedDataConfig, prepare_federated_data
 from bbfl.federation.engine import EngineConfig, run_federation
+from bbfl.federation.privacy import add_noise, clip_to_norm, noise_std
 from bbfl.methods.fedbpt import FedBPT, FedBPTConfig
-from bbfl.methods.privacy import add_noise, clip_to_norm, noise_std
-from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, _fedbpt_method, prepare_federated_data
+from bbfl.methods.fedbpt.experiment import fedbpt_method
 
 SMALL = dict(intrinsic_dim=20, prompt_length=2, local_popsize=4, local_iter=2, seed=3, aggregation="fedavg")
 
@@ -46,7 +47,7 @@ def test_fedbpt_with_dp_clips_every_client_and_resumes_to_the_same_noisy_mean(ti
         cfg = FedBPTConfig(**SMALL, **dp)
         task, splits, test = prepare_federated_data(data, cfg.seed)
         bb = BlackBoxConfig(model=str(tiny_models["bert"])).build()
-        return _fedbpt_method(cfg, engine, bb, task, splits, test)
+        return fedbpt_method(cfg, engine, bb, task, splits, test)
 
     method: FedBPT = build(dp_clip=0.05, dp_noise=0.0)
     arrays, header = method.downlink(1)

@@ -16,18 +16,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from bbfl.exceptions import CheckpointError, ConfigError
+from bbfl.federation.contract import Arrays, FederatedMethod
 from bbfl.federation.headers import validate_header
+from bbfl.federation.privacy import new_server_secret
 from bbfl.federation.wire import InvalidUpdate, decode_message, encode_message, validate_update
 from bbfl.io import atomic_write_json, load_arrays, save_arrays
-from bbfl.methods.base import Arrays, FederatedMethod
-from bbfl.methods.privacy import new_server_secret
 
 log = logging.getLogger("bbfl.federation")
 
@@ -127,7 +126,7 @@ def run_federation(
 
     ``stop_after`` ends the call after that many rounds of this call (for tests and time slicing).
     ``runner`` delivers the downlink to the round's clients and brings their replies back: in this
-    process by default; :mod:`bbfl.federation.flower` sends them to Flower SuperNodes instead.
+    process by default; :mod:`bbfl.flower.app` sends them to Flower SuperNodes instead.
     """
     run_dir = Path(run_dir)
     ckpt = run_dir / "server_state.safetensors"
@@ -289,7 +288,3 @@ def _run_round(
         "seconds": time.perf_counter() - start,
         **metrics,
     }
-
-
-def engine_config_dict(config: EngineConfig) -> dict[str, Any]:
-    return asdict(config)

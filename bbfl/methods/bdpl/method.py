@@ -23,7 +23,7 @@ Our choices, named: the projection is the exact Euclidean one (Duchi et al. 2008
 bisects to a 1e-3 tolerance); FedOne clients start a fresh AdamW each round (clients keep no state);
 ``optimizer="sgd", grad_clip=0`` is bbfl's earlier rule (a plain step, which at lr 0.25 collapses rows).
 The black box is any object with ``logits(prompts: list[str], data) -> [P, B, C]`` and ``data.labels``:
-:class:`~bbfl.blackbox.openai_api.OpenAIBlackBox` (chat top_logprobs, label missing -> floor 0.01, or
+:class:`~bbfl.blackbox.openai.OpenAIBlackBox` (chat top_logprobs, label missing -> floor 0.01, or
 embeddings), whose budget and cache apply.
 """
 
@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from bbfl.exceptions import ConfigError
+from bbfl.federation.contract import Arrays, FederatedMethod
 from bbfl.federation.headers import count, number
 from bbfl.io import load_arrays, save_arrays
-from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.bdpl.config import BDPLConfig
 from bbfl.methods.losses import accuracy, get_loss
 
@@ -309,7 +309,7 @@ class FedOne(FederatedMethod):
 
     The client data are whatever ``blackbox.encode`` returned (e.g. a :class:`TextBatch`). Clients keep no
     private state, so on Flower a SuperNode's ``Context`` holds nothing for FedOne; the run's config builds
-    it on every side (:func:`bbfl.pipeline.build_federated_method`).
+    it on every side (:func:`bbfl.methods.registry.build_federated_method`).
     """
 
     def __init__(self, config: BDPLConfig, blackbox: Any, clients: list, test: Any, vocab: list[str], loss_name: str):

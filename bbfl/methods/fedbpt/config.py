@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from bbfl.exceptions import ConfigError
+from bbfl.federation.privacy import check_dp
 from bbfl.methods.fedbpt.replay import MAX_REPLAY_POPSIZE
-from bbfl.methods.privacy import check_dp
 
 
 @dataclass
@@ -38,7 +38,7 @@ class FedBPTConfig:
             seed and the ranks of its 8 x 5 candidates; the server re-runs its CMA-ES to the same mean,
             bit for bit: :mod:`bbfl.methods.fedbpt.replay`).
         dp_clip: differential privacy: clients clip the change of their mean to this L2 norm
-            (:mod:`bbfl.methods.privacy`; needs aggregation='fedavg'). ``None`` = off.
+            (:mod:`bbfl.federation.privacy`; needs aggregation='fedavg'). ``None`` = off.
         dp_noise: the server adds Gaussian noise of std dp_noise * dp_clip / (number of clients) to
             the averaged mean (example-weighted: the largest client's share instead of 1 / m).
         prompt_init: token/text whose embedding is the prompt at z = 0.

@@ -28,13 +28,13 @@ import warnings
 import numpy as np
 
 from bbfl.blackbox import Encoded, LocalBlackBox
+from bbfl.federation.contract import Arrays, FederatedMethod
 from bbfl.federation.headers import count, number, number_list, text
-from bbfl.methods.base import Arrays, FederatedMethod
+from bbfl.federation.privacy import add_noise, clip_to_norm, noise_std
 from bbfl.methods.bbt import SubspaceProjection
 from bbfl.methods.fedbpt.config import FedBPTConfig
 from bbfl.methods.fedbpt.replay import ReplayError, local_search, parse_seed, replay_search
 from bbfl.methods.losses import accuracy, get_loss
-from bbfl.methods.privacy import add_noise, clip_to_norm, noise_std
 from bbfl.methods.robust import aggregate
 from bbfl.optim import CMAES
 

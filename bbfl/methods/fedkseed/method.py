@@ -27,10 +27,10 @@ import torch
 
 from bbfl.blackbox import Encoded, LocalBlackBox
 from bbfl.exceptions import ConfigError
+from bbfl.federation.contract import Arrays, FederatedMethod
 from bbfl.federation.headers import count
 from bbfl.federation.wire import InvalidUpdate
 from bbfl.memory import peak_memory_mb
-from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fedkseed.config import FedKSeedConfig
 from bbfl.methods.fwdllm.method import sample_batch
 from bbfl.methods.losses import accuracy

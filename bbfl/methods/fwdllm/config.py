@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from bbfl.exceptions import ConfigError
-from bbfl.methods.privacy import check_dp
+from bbfl.federation.privacy import check_dp
 from bbfl.peft import KINDS, PeftOptions
 
 ESTIMATORS = ("central", "jvp", "backprop")
@@ -35,7 +35,7 @@ class FwdLLMConfig(PeftOptions):
         uplink: ``dense`` (the estimate as arrays, as FwdLLM's code) or ``seed`` (the scalars only;
             the server regenerates each direction from the client's seed - FedKSeed's idea).
         dp_clip: differential privacy: each client clips its gradient estimate to this L2 norm
-            (:mod:`bbfl.methods.privacy`). ``None`` = off.
+            (:mod:`bbfl.federation.privacy`). ``None`` = off.
         dp_noise: the server adds Gaussian noise (std dp_noise * dp_clip * largest client share) to the mean.
         seed: seeds the initial PEFT weights.
     """

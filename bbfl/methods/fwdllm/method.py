@@ -26,12 +26,12 @@ import torch
 
 from bbfl.blackbox import Encoded, LocalBlackBox
 from bbfl.exceptions import ConfigError
+from bbfl.federation.contract import Arrays, FederatedMethod
 from bbfl.federation.headers import count, int_list
+from bbfl.federation.privacy import add_noise, noise_std
 from bbfl.memory import peak_memory_mb
-from bbfl.methods.base import Arrays, FederatedMethod
 from bbfl.methods.fwdllm.config import FwdLLMConfig
 from bbfl.methods.losses import accuracy
-from bbfl.methods.privacy import add_noise, noise_std
 from bbfl.optim.zeroth_order import Perturbation, direction, jvp_gradient, warn_if_step_unresolved
 from bbfl.peft import PeftWeights
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bbfl.blackbox import Encoded, LocalBlackBox
+from bbfl.federation.contract import Arrays, ClientClock, FederatedMethod
 from bbfl.federation.headers import count, number
-from bbfl.methods.base import Arrays, ClientClock, FederatedMethod
 from bbfl.methods.zoopfl.config import ZooPFLConfig
 
 
