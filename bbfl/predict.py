@@ -22,10 +22,10 @@ from bbfl.data import Split, Task, load_task
 from bbfl.data.loaders import SPEC_KEYS
 from bbfl.exceptions import ConfigError, DataError
 from bbfl.io import load_arrays
+from bbfl.methods.bbt.experiment import SOFT_PROMPT_METHODS
+from bbfl.methods.fwdllm.experiment import FORWARD_METHODS as PEFT_METHODS
 from bbfl.report import RunDir
 
-SOFT_PROMPT_METHODS = ("bbt", "fedbpt")
-PEFT_METHODS = ("fwdllm", "fedkseed")
 PERSONAL_METHODS = ("zoopfl",)
 
 
@@ -76,7 +76,7 @@ class Predictor:
         data_dir: str | None = None,
         client: int | None = None,
     ) -> None:
-        from bbfl.pipeline import BlackBoxConfig
+        from bbfl.experiment import BlackBoxConfig
 
         self.run = RunDir.open(run_dir)
         config = self.run.config
@@ -127,19 +127,19 @@ class Predictor:
             )
 
     def _load_peft(self, config: dict, bb_cfg) -> None:
-        from bbfl.pipeline import _forward_blackbox, _forward_config
+        from bbfl.methods.fwdllm.experiment import forward_blackbox, forward_config
 
         path = self.run.path / "peft.safetensors"
         if not path.is_file():
             raise ConfigError(f"{self.run.path} has no peft.safetensors: the run did not finish")
-        method_cfg = _forward_config(self.method, config[self.method])
+        method_cfg = forward_config(self.method, config[self.method])
         if bb_cfg.model and bb_cfg.model.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{self.method} weights act inside the model's layers: they need a local --model, not {bb_cfg.model}"
             )
         from bbfl.peft import PeftWeights
 
-        self.blackbox = _forward_blackbox(bb_cfg, method_cfg.peft).build()
+        self.blackbox = forward_blackbox(bb_cfg, method_cfg.peft).build()
         self.weights = PeftWeights(self.blackbox, method_cfg.peft_config(), seed=method_cfg.seed)
         arrays, _ = load_arrays(path)
         self.weights.load_arrays(arrays)
@@ -153,7 +153,7 @@ class Predictor:
         import json
 
         from bbfl.federation.engine import _client_files
-        from bbfl.pipeline import build_federated_method
+        from bbfl.methods.registry import build_federated_method
 
         ckpt = self.run.path / "server_state.safetensors"
         if not ckpt.is_file():

@@ -1,6 +1,6 @@
 """Local processes: free ports, process groups and their descendants, servers waited on until healthy.
 
-Shared by the Flower deployment on this machine (:mod:`bbfl.federation.flower_local`) and the
+Shared by the Flower deployment on this machine (:mod:`bbfl.flower.local`) and the
 HTTP server helpers (:func:`bbfl.serve.spawn_server`, tests and benchmarks).
 """
 

@@ -17,9 +17,10 @@ import tempfile
 
 import torch
 
+from bbfl.experiment import BlackBoxConfig, DataConfig
 from bbfl.methods.bbt import BBTConfig
+from bbfl.methods.bbt.experiment import run_bbt_experiment
 from bbfl.methods.prompt_tuning import PromptTuningConfig
-from bbfl.pipeline import BlackBoxConfig, DataConfig, run_bbt_experiment
 
 
 def main() -> None:

@@ -42,11 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from bbfl.blackbox.placement import prompt_origin
+from bbfl.experiment import BlackBoxConfig, FederatedDataConfig, prepare_federated_data
 from bbfl.federation.engine import EngineConfig
 from bbfl.io import load_arrays
 from bbfl.methods.bbt import BBTConfig, SubspaceProjection, evaluate_prompt, run_bbt
 from bbfl.methods.fedbpt import FedBPTConfig
-from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, prepare_federated_data, run_fedbpt_experiment
+from bbfl.methods.fedbpt.experiment import run_fedbpt_experiment
 
 PAPER = {"perturb_rate": 0.5, "downlink_covariance": True}  # the official fitness ratio and C in the downlink
 SETTINGS = {

@@ -28,17 +28,11 @@ from pathlib import Path
 
 from bbfl.data import Split
 from bbfl.data.sampling import holdout_per_client
+from bbfl.experiment import BlackBoxConfig, FederatedDataConfig, prepare_federated_data
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.fedkseed import FedKSeedConfig
 from bbfl.methods.fwdllm import FwdLLMConfig
-from bbfl.pipeline import (
-    BlackBoxConfig,
-    FederatedDataConfig,
-    _forward_blackbox,
-    _forward_method,
-    prepare_federated_data,
-    run_forward_experiment,
-)
+from bbfl.methods.fwdllm.experiment import forward_blackbox, forward_method, run_forward_experiment
 
 DEV_FRACTION = 0.2  # of each client's training examples, held out for the learning-rate sweep
 
@@ -84,8 +78,8 @@ def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
         [y for d in devs for y in d.labels],
         None if devs[0].text_pairs is None else [p for d in devs for p in d.text_pairs],
     )
-    blackbox = _forward_blackbox(BlackBoxConfig(max_length=args.max_length), cfg.peft).build()
-    method = _forward_method(name, cfg, engine, blackbox, task, trains, dev)  # "test" = dev here
+    blackbox = forward_blackbox(BlackBoxConfig(max_length=args.max_length), cfg.peft).build()
+    method = forward_method(name, cfg, engine, blackbox, task, trains, dev)  # "test" = dev here
     records = run_federation(method, engine, tempfile.mkdtemp(prefix=f"bbfl-dev-{name}-"))
     return records[-1]["test_accuracy"]
 

@@ -24,9 +24,10 @@ import time
 import numpy as np
 
 from bbfl.data import Split
+from bbfl.experiment import BlackBoxConfig, FederatedDataConfig, prepare_federated_data
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.fedbpt import FedBPTConfig
-from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, _fedbpt_method, prepare_federated_data
+from bbfl.methods.fedbpt.experiment import fedbpt_method
 
 RULES = ("fedbpt", "fedavg", "median", "trimmed", "krum")
 
@@ -79,7 +80,7 @@ def run(args, rule: str, attacked: bool) -> dict:
     malicious = set(range(args.malicious))
     if attacked and args.attack == "flip-boost":
         splits = [flip_labels(s, len(task.labels)) if c in malicious else s for c, s in enumerate(splits)]
-    method = _fedbpt_method(fed, engine, blackbox, task, splits, test)
+    method = fedbpt_method(fed, engine, blackbox, task, splits, test)
     if attacked:
         boost = args.boost or args.clients / max(1, args.malicious)
         poison(method, malicious, args.attack, args.shift, boost)

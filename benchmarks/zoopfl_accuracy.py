@@ -1,7 +1,7 @@
 """ZooPFL vs. its baselines on real data with strongly non-IID clients: personalised accuracy on each client's own test.
 
 All settings of one seed use exactly the same clients, Dirichlet partition and per-client (train, test)
-splits (`bbfl.pipeline.prepare_personal_data`, ZooPFL's), and each runs in a fresh process so that its
+splits (`bbfl.experiment.prepare_personal_data`, ZooPFL's), and each runs in a fresh process so that its
 peak memory is its own.
 
   ZooPFL (round 0 of every run is its untrained starting point):
@@ -62,7 +62,7 @@ SETTINGS = [*ZOOPFL_SETTINGS, *FEDBPT_SETTINGS, "zero-shot"]
 
 
 def _data(args):
-    from bbfl.pipeline import PersonalDataConfig
+    from bbfl.experiment import PersonalDataConfig
 
     return PersonalDataConfig(
         task=args.task,
@@ -103,8 +103,9 @@ def _traffic(records: list[dict]) -> dict:
 
 
 def run_zoopfl(args, seed: int, setting: str) -> list[dict]:
+    from bbfl.experiment import BlackBoxConfig
     from bbfl.federation.engine import EngineConfig
-    from bbfl.pipeline import BlackBoxConfig, run_zoopfl_experiment
+    from bbfl.methods.zoopfl.experiment import run_zoopfl_experiment
 
     cfg = _zoopfl_config(args, seed, **ZOOPFL_SETTINGS[setting])
     bb = BlackBoxConfig(max_length=args.max_length)
@@ -136,9 +137,10 @@ def run_zoopfl(args, seed: int, setting: str) -> list[dict]:
 
 def run_fedbpt(args, seed: int, settings: list[str]) -> list[dict]:
     """The rows of ``fedbpt`` and/or ``fedbpt-remap`` from one FedBPT run."""
+    from bbfl.experiment import BlackBoxConfig
     from bbfl.federation.engine import EngineConfig
     from bbfl.methods.fedbpt import FedBPTConfig
-    from bbfl.pipeline import BlackBoxConfig, run_fedbpt_personal_experiment
+    from bbfl.methods.fedbpt.experiment import run_fedbpt_personal_experiment
 
     fed = FedBPTConfig(
         intrinsic_dim=args.fedbpt_dim,
@@ -197,9 +199,9 @@ def run_fedbpt(args, seed: int, settings: list[str]) -> list[dict]:
 
 
 def run_zero_shot(args, seed: int) -> list[dict]:
+    from bbfl.experiment import BlackBoxConfig, prepare_personal_data
     from bbfl.methods.bbt import evaluate_prompt
     from bbfl.methods.zoopfl import personal_accuracy_of_prompt
-    from bbfl.pipeline import BlackBoxConfig, prepare_personal_data
 
     start = time.perf_counter()
     task, _, tests, test = prepare_personal_data(_data(args), seed)
@@ -247,7 +249,7 @@ def run_in_fresh_process(args, seed: int, job: tuple[str, ...]) -> list[dict]:
 
 def check_clients(args, seed: int) -> None:
     """Stop early, with the reason, if a client has no training example (encoding it would fail later)."""
-    from bbfl.pipeline import prepare_personal_data
+    from bbfl.experiment import prepare_personal_data
 
     _, trains, tests, _ = prepare_personal_data(_data(args), seed)
     empty = [c for c, s in enumerate(trains) if len(s) == 0]

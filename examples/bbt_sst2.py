@@ -5,8 +5,9 @@ python examples/bbt_sst2.py ../shared/data/sst2
 
 import sys
 
+from bbfl.experiment import BlackBoxConfig, DataConfig
 from bbfl.methods.bbt import BBTConfig
-from bbfl.pipeline import BlackBoxConfig, DataConfig, run_bbt_experiment
+from bbfl.methods.bbt.experiment import run_bbt_experiment
 
 data_dir = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/sst2"
 run, rows = run_bbt_experiment(

@@ -80,9 +80,10 @@ def test_bbt_end_to_end_on_real_agnews_beats_its_start_on_held_out_data(tmp_path
     z = 0 or a random z fails the last check. (On SST-2 this short a run does not: there MiniLM's prompt
     ceiling is ~1.6 points and the held-out loss of a 240-query prompt rose, 0.532 -> 0.537.)"""
     from bbfl.blackbox import LocalBlackBox
+    from bbfl.experiment import BlackBoxConfig, DataConfig, prepare_data
     from bbfl.io import load_arrays
     from bbfl.methods.bbt import evaluate_prompt
-    from bbfl.pipeline import BlackBoxConfig, DataConfig, prepare_data, run_bbt_experiment
+    from bbfl.methods.bbt.experiment import run_bbt_experiment
 
     data = DataConfig(task="agnews", data_dir=str(shared_task_dir("agnews")), k_shot=4, test_limit=96)
     cfg = BBTConfig(budget=120, popsize=10, prompt_length=10, intrinsic_dim=100, eval_every=40, seed=1)

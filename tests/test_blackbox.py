@@ -178,7 +178,7 @@ def test_paired_prompts_score_each_example_with_its_own_prompt(task):
 
 def test_defaults_are_the_papers_function(tiny_models, minilm):
     """auto = full attention everywhere; the official placement for MLM heads; MiniLM keeps inputs_embeds."""
-    from bbfl.pipeline import BlackBoxConfig
+    from bbfl.experiment import BlackBoxConfig
 
     assert minilm.prompt_attention == "full" and minilm.prompt_placement == "inputs_embeds"
     for arch in ("bert", "roberta"):

@@ -142,7 +142,7 @@ def test_after_input_needs_a_causal_head_and_an_input_before_the_mask(tiny_model
 
 
 def test_prompt_position_is_recorded_in_the_blackbox_record(tiny_models):
-    from bbfl.pipeline import BlackBoxConfig
+    from bbfl.experiment import BlackBoxConfig
 
     cfg = BlackBoxConfig(model=str(tiny_models["llama"]), prompt_position="after_input")
     record = cfg.record(cfg.build())

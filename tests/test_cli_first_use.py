@@ -79,7 +79,7 @@ def test_blackbox_flags_are_checked_before_the_model_loads(monkeypatch, args, me
 
     monkeypatch.setattr(local.LocalBlackBox, "__init__", never)
     monkeypatch.setattr(loaders, "load_task", never)
-    monkeypatch.setattr("bbfl.pipeline.load_task", never)
+    monkeypatch.setattr("bbfl.experiment.load_task", never)
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -111,7 +111,7 @@ def test_progress_lines_break_between_fields_never_inside_one(monkeypatch):
 
 
 def test_plots_have_axis_labels_a_zero_shot_line_and_no_round_zero_bytes(tmp_path):
-    from bbfl.pipeline import _plot_federated
+    from bbfl.experiment import plot_federated
     from bbfl.report import RunDir
 
     run = RunDir.create(tmp_path, "p", {})
@@ -126,7 +126,7 @@ def test_plots_have_axis_labels_a_zero_shot_line_and_no_round_zero_bytes(tmp_pat
     (curve,) = bytes_fig.axes[0].get_lines()
     assert list(curve.get_xdata()) == [1, 2, 3] and min(curve.get_ydata()) == 4096
     assert bytes_fig.axes[0].get_ylabel() == "bytes"
-    _plot_federated(run, "t", {"zero-shot": 0.55})
+    plot_federated(run, "t", {"zero-shot": 0.55})
     assert {"accuracy_vs_round.png", "accuracy_vs_queries.png", "bytes_per_round.png"} <= {
         p.name for p in run.path.iterdir()
     }

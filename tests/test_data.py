@@ -95,7 +95,7 @@ def test_a_table_naming_unknown_or_missing_classes_is_refused(tmp_path):
 # --------------------------------------------------------------------- --test-limit: seeded, stratified, recorded
 @pytest.mark.parametrize("name", ["cr", "mpqa"])
 def test_test_limit_draws_every_class_of_a_label_sorted_file(name):
-    from bbfl.pipeline import (
+    from bbfl.experiment import (
         DataConfig,
         FederatedDataConfig,
         PersonalDataConfig,
@@ -131,7 +131,7 @@ def test_stratified_rows_quotas_and_bad_limits():
 
 
 def test_a_scored_set_of_one_class_is_warned_about(tmp_path, caplog):
-    from bbfl.pipeline import DataConfig, prepare_data
+    from bbfl.experiment import DataConfig, prepare_data
 
     rows = [{"text": f"good {i}", "label": 1} for i in range(40)]
     rows += [{"text": f"bad {i}", "label": 0} for i in range(40)]
@@ -210,8 +210,9 @@ def test_run_records_resolved_task_and_rows_and_rescores_without_its_spec(tmp_pa
     from typer.testing import CliRunner
 
     from bbfl.cli import app
+    from bbfl.experiment import BlackBoxConfig, DataConfig
     from bbfl.methods.bbt import BBTConfig
-    from bbfl.pipeline import BlackBoxConfig, DataConfig, run_bbt_experiment
+    from bbfl.methods.bbt.experiment import run_bbt_experiment
 
     data = tmp_path / "data"
     data.mkdir()

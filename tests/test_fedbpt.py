@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from bbfl.experiment import BlackBoxConfig, FederatedDataConfig
 from bbfl.federation.engine import EngineConfig, sample_clients
 from bbfl.methods.fedbpt import FedBPTConfig
-from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_fedbpt_experiment
+from bbfl.methods.fedbpt.experiment import run_fedbpt_experiment
 
 SMALL = dict(intrinsic_dim=40, prompt_length=4, local_popsize=4, local_iter=3)
 

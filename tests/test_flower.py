@@ -19,13 +19,14 @@ require_module("flwr")  # skips locally without the extra; fails under CI=true
 
 from bbfl.cli import app  # noqa: E402
 from bbfl.exceptions import ConfigError  # noqa: E402
+from bbfl.experiment import BlackBoxConfig, FederatedDataConfig  # noqa: E402
 from bbfl.federation.engine import EngineConfig, run_federation  # noqa: E402
-from bbfl.federation.flower_local import LocalFederation  # noqa: E402
+from bbfl.flower.local import LocalFederation  # noqa: E402
 from bbfl.io import load_arrays  # noqa: E402
 from bbfl.methods.bdpl import BDPLConfig, FedOne  # noqa: E402
 from bbfl.methods.fedbpt import FedBPTConfig  # noqa: E402
 from bbfl.methods.fedkseed import FedKSeedConfig  # noqa: E402
-from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, build_federated_method  # noqa: E402
+from bbfl.methods.registry import build_federated_method  # noqa: E402
 
 
 def _flower_processes(settle: float = 0.0) -> set[str]:

@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDic
 from flwr.supercore.task_identity import TaskIdentity
 
 from bbfl.federation.engine import EngineConfig, run_federation
-from bbfl.federation.flower import UNKNOWN_SENDER, FlowerRunner, _from_record, _to_record, parse_reply
+from bbfl.flower.app import UNKNOWN_SENDER, FlowerRunner, _from_record, _to_record, parse_reply
 from tests.fedone_keyword import small_fedone
 
 FUZZ_EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "3000"))
@@ -212,7 +212,7 @@ def test_local_federation_never_installs_at_runtime_and_a_failed_run_says_why(tm
     """Flower 1.41 runs `uv sync` per run unless told not to (no package index here); a failed run raises
     with the SuperLink's error line instead of returning a status that prints an empty table."""
     from bbfl.exceptions import BBFLError
-    from bbfl.federation.flower_local import LocalFederation
+    from bbfl.flower.local import LocalFederation
 
     fed = LocalFederation(2, workdir=tmp_path)
     spawned = []

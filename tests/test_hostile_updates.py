@@ -33,15 +33,16 @@ FUZZ_EXAMPLES = int(os.environ.get("BBFL_FUZZ_EXAMPLES", "3000"))
 
 
 def _fedbpt(tiny_models, **overrides):
+    from bbfl.experiment import BlackBoxConfig, FederatedDataConfig, prepare_federated_data
     from bbfl.methods.fedbpt import FedBPTConfig
-    from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, _fedbpt_method, prepare_federated_data
+    from bbfl.methods.fedbpt.experiment import fedbpt_method
 
     small = dict(intrinsic_dim=20, prompt_length=2, local_popsize=4, local_iter=2, seed=3)
     cfg = FedBPTConfig(**{**small, **overrides})
     data = FederatedDataConfig(task="demo", k_shot=6, num_clients=3, test_limit=10)
     task, splits, test = prepare_federated_data(data, cfg.seed)
     bb = BlackBoxConfig(model=str(tiny_models["bert"])).build()
-    return _fedbpt_method(cfg, EngineConfig(rounds=2, seed=3), bb, task, splits, test)
+    return fedbpt_method(cfg, EngineConfig(rounds=2, seed=3), bb, task, splits, test)
 
 
 def _build(name: str, tiny_models):
@@ -286,8 +287,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_resume_of_a_truncated_run_directory_exits_2_with_one_line(tiny_models, tmp_path):
+    from bbfl.experiment import BlackBoxConfig, FederatedDataConfig
     from bbfl.methods.fedbpt import FedBPTConfig
-    from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_fedbpt_experiment
+    from bbfl.methods.fedbpt.experiment import run_fedbpt_experiment
 
     data = FederatedDataConfig(task="demo", k_shot=4, num_clients=2, test_limit=8)
     fed = FedBPTConfig(intrinsic_dim=10, prompt_length=2, local_popsize=4, local_iter=2, seed=3)

@@ -149,7 +149,7 @@ def test_bad_input_is_one_clear_line(bbt_run, data, args, message):
 
 def test_zoopfl_client_predictions_equal_the_runs_personal_accuracy(data, tiny_models, tmp_path):
     """--client c: the client's surgery + re-mapping on its held-out rows; no --client: the global model."""
-    from bbfl.pipeline import PersonalDataConfig, prepare_personal_data
+    from bbfl.experiment import PersonalDataConfig, prepare_personal_data
     from bbfl.predict import Predictor
 
     args = ["zoopfl", "--task", "sst2", "--data-dir", str(data), "--model", str(tiny_models["bert"]), "--rounds", "2"]

@@ -229,7 +229,7 @@ def test_batcher_merges_what_queued_and_isolates_bad_input():
 
 
 def test_openai_blackbox_reads_label_words_from_top_logprobs(served, demo):
-    from bbfl.blackbox.openai_api import LABEL_FLOOR, OpenAIBlackBox
+    from bbfl.blackbox.openai import LABEL_FLOOR, OpenAIBlackBox
 
     url, _ = served
     task, _, dev = demo
@@ -267,7 +267,9 @@ def test_bbt_cli_against_served_model_writes_no_secret(served, tmp_path, monkeyp
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (run_dir,) = tmp_path.iterdir()
-    assert json.loads((run_dir / "config.json").read_text())["blackbox"]["model"] == url
+    recorded = json.loads((run_dir / "config.json").read_text())["blackbox"]
+    assert recorded["model"] == url and recorded["head"] == "encoder"  # what the server reported
+    assert not {"dtype", "device", "max_length", "max_tokens"} & set(recorded)  # ignored settings are not recorded
     files = [p for p in Path(tmp_path).rglob("*") if p.is_file()]
     assert files and not [p for p in files if TOKEN.encode() in p.read_bytes()]
     monkeypatch.delenv("BBFL_SERVE_TOKEN")
@@ -284,9 +286,10 @@ def test_serve_cli_refuses_to_run_without_a_token(monkeypatch):
 
 
 def test_fedbpt_with_a_served_model_matches_local(served, tmp_path, monkeypatch):
+    from bbfl.experiment import BlackBoxConfig, FederatedDataConfig
     from bbfl.federation.engine import EngineConfig
     from bbfl.methods.fedbpt import FedBPTConfig
-    from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_fedbpt_experiment
+    from bbfl.methods.fedbpt.experiment import run_fedbpt_experiment
 
     url, path = served
     monkeypatch.setenv("BBFL_SERVE_TOKEN", TOKEN)
@@ -308,10 +311,11 @@ def test_fedbpt_with_a_served_model_matches_local(served, tmp_path, monkeypatch)
 
 def test_zoopfl_with_a_served_model_matches_local(served, tmp_path, monkeypatch):
     """ZooPFL's features come from /v1/bbfl/features and its probes from paired scores: bit for bit local."""
+    from bbfl.experiment import BlackBoxConfig, PersonalDataConfig
     from bbfl.federation.engine import EngineConfig
     from bbfl.io import load_arrays
     from bbfl.methods.zoopfl import ZooPFLConfig
-    from bbfl.pipeline import BlackBoxConfig, PersonalDataConfig, run_zoopfl_experiment
+    from bbfl.methods.zoopfl.experiment import run_zoopfl_experiment
 
     url, path = served
     monkeypatch.setenv("BBFL_SERVE_TOKEN", TOKEN)

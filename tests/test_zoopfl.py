@@ -8,11 +8,12 @@ import torch
 
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import load_task
+from bbfl.experiment import BlackBoxConfig, PersonalDataConfig
 from bbfl.federation import engine as engine_module
 from bbfl.federation.engine import EngineConfig
 from bbfl.io import load_arrays
 from bbfl.methods.zoopfl import ZooPFLConfig, zo_code_gradient
-from bbfl.pipeline import BlackBoxConfig, PersonalDataConfig, run_zoopfl_experiment
+from bbfl.methods.zoopfl.experiment import run_zoopfl_experiment
 
 SMALL = dict(hidden_dim=16, latent_dim=4, client_embed_dim=2, prompt_length=2, local_steps=2, pretrain_steps=5)
 
@@ -175,7 +176,7 @@ def test_fit_remap_is_zoopfls_remap_only_client(tiny_models):
 
 def test_fedbpt_baseline_uses_zoopfls_clients_and_keeps_the_remap_private(tmp_path, tiny_models, monkeypatch):
     from bbfl.methods.fedbpt import FedBPTConfig
-    from bbfl.pipeline import run_fedbpt_personal_experiment
+    from bbfl.methods.fedbpt.experiment import run_fedbpt_personal_experiment
 
     sent = []
     encode = engine_module.encode_message

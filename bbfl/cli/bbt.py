@@ -71,9 +71,10 @@ def bbt(
     ),
 ) -> None:
     """Black-Box Tuning: CMA-ES in a random subspace projected to a soft prompt (Sun et al., 2022)."""
+    from bbfl.experiment import BlackBoxConfig, DataConfig
     from bbfl.methods.bbt import BBTConfig
+    from bbfl.methods.bbt.experiment import run_bbt_experiment
     from bbfl.methods.prompt_tuning import PromptTuningConfig
-    from bbfl.pipeline import BlackBoxConfig, DataConfig, run_bbt_experiment
     from bbfl.report import summary_table
 
     if resume is not None:

@@ -91,9 +91,10 @@ def fedbpt(
     resume: str | None = typer.Option(None, help="Continue an interrupted run directory from its last round."),
 ) -> None:
     """FedBPT: clients run local CMA-ES, the server aggregates search distributions (Sun et al., 2024)."""
+    from bbfl.experiment import BlackBoxConfig, FederatedDataConfig
     from bbfl.federation.engine import EngineConfig
     from bbfl.methods.fedbpt import FedBPTConfig
-    from bbfl.pipeline import BlackBoxConfig, FederatedDataConfig, run_fedbpt_experiment
+    from bbfl.methods.fedbpt.experiment import run_fedbpt_experiment
     from bbfl.report import summary_table
 
     if resume is not None:  # the saved run's settings win: the title and the lines below say what it really runs

@@ -24,8 +24,8 @@ def flower_local(
     machines (see README, "Scale-out on Flower")."""
     from rich.table import Table
 
-    from bbfl.federation.flower_local import LocalFederation
-    from bbfl.pipeline import FEDERATED_METHODS
+    from bbfl.flower.local import LocalFederation
+    from bbfl.methods.registry import FEDERATED_METHODS
 
     try:
         path = Path(config)

@@ -51,8 +51,9 @@ RESUME = typer.Option(None, help="Continue an interrupted run directory from its
 def _run(
     name, data_cfg, method_cfg, rounds, per_round, model, head, device, dtype, max_length, low_memory, out, resume
 ):
+    from bbfl.experiment import BlackBoxConfig
     from bbfl.federation.engine import EngineConfig
-    from bbfl.pipeline import BlackBoxConfig, run_forward_experiment
+    from bbfl.methods.fwdllm.experiment import run_forward_experiment
 
     engine_cfg = EngineConfig(rounds=rounds, clients_per_round=per_round, seed=method_cfg.seed)
     bb_cfg = BlackBoxConfig(
@@ -153,8 +154,8 @@ def fwdllm(
     resume: str | None = RESUME,
 ) -> None:
     """FwdLLM: clients estimate gradients of PEFT weights from perturbed forward passes; server averages + SGD."""
+    from bbfl.experiment import FederatedDataConfig
     from bbfl.methods.fwdllm import FwdLLMConfig
-    from bbfl.pipeline import FederatedDataConfig
 
     task, rounds = _resumed("fwdllm", resume, task, rounds)
     try:
@@ -227,8 +228,8 @@ def fedkseed(
     resume: str | None = RESUME,
 ) -> None:
     """FedKSeed: MeZO steps on K shared seeds; only K scalars go up and down; clients rebuild weights by replay."""
+    from bbfl.experiment import FederatedDataConfig
     from bbfl.methods.fedkseed import FedKSeedConfig
-    from bbfl.pipeline import FederatedDataConfig
 
     task, rounds = _resumed("fedkseed", resume, task, rounds)
     try:

@@ -40,7 +40,8 @@ def eval_(
     model: str | None = MODEL_OVERRIDE,
 ) -> None:
     """Re-score a saved soft prompt (bbt, fedbpt) on a task's test split."""
-    from bbfl.pipeline import DataConfig, evaluate_run
+    from bbfl.experiment import DataConfig
+    from bbfl.methods.bbt.experiment import evaluate_run
     from bbfl.report import RunDir, summary_table
 
     try:

@@ -63,9 +63,10 @@ def zoopfl(
     resume: str | None = typer.Option(None, help="Continue an interrupted run directory from its last round."),
 ) -> None:
     """ZooPFL: input surgery + semantic re-mapping, trained by zeroth-order estimates, personalised per client."""
+    from bbfl.experiment import BlackBoxConfig, PersonalDataConfig
     from bbfl.federation.engine import EngineConfig
     from bbfl.methods.zoopfl import ZooPFLConfig
-    from bbfl.pipeline import BlackBoxConfig, PersonalDataConfig, run_zoopfl_experiment
+    from bbfl.methods.zoopfl.experiment import run_zoopfl_experiment
     from bbfl.report import summary_table
 
     if resume is not None:  # the saved run's settings win: the title and the lines below say what it really runs

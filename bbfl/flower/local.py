@@ -73,7 +73,7 @@ class LocalFederation:
 
     def run(self, config_json: str, run_dir: str | Path, timeout: float = 900.0) -> dict:
         """Submit a bbfl run with `flwr run`, poll its status until it ends; returns the final status."""
-        from bbfl.federation.flower import APP_DIR
+        from bbfl.flower.app import APP_DIR
 
         overrides = self.workdir / "run-config.toml"
         overrides.write_text(f"bbfl-config = {json.dumps(config_json)}\nrun-dir = {json.dumps(str(run_dir))}\n")

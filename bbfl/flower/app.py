@@ -30,9 +30,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from bbfl.exceptions import ConfigError
+from bbfl.federation.contract import Arrays, FederatedMethod
 from bbfl.federation.engine import ClientReply, EngineConfig, round_seed, run_federation
 from bbfl.federation.wire import MAX_HEADER_BYTES, MAX_TENSORS, WIRE_DTYPES, InvalidUpdate, parse_header_json
-from bbfl.methods.base import Arrays, FederatedMethod
 
 APP_DIR = Path(__file__).with_name("flower_app")  # the Flower App (pyproject.toml) `flwr run` ships
 _BUILT: dict[str, tuple[FederatedMethod, EngineConfig]] = {}  # per process: build a method once
@@ -41,7 +41,7 @@ _BUILT: dict[str, tuple[FederatedMethod, EngineConfig]] = {}  # per process: bui
 def build_method(config_json: str) -> tuple[FederatedMethod, EngineConfig]:
     """The method and engine settings a bbfl run config describes (cached per process)."""
     if config_json not in _BUILT:
-        from bbfl.pipeline import build_federated_method
+        from bbfl.methods.registry import build_federated_method
 
         _BUILT[config_json] = build_federated_method(json.loads(config_json))
     return _BUILT[config_json]
