@@ -85,7 +85,7 @@ def _result(run: RunDir, name: str):
 def model_path(blackbox: dict) -> str:
     """The run's model as a path or hub name transformers loads: the embedded default (recorded as None)
     is this installation's copy, a named model or GGUF file its cached conversion."""
-    from bbfl.blackbox.local import default_model_path
+    from bbfl.blackbox.loading import default_model_path
     from bbfl.models import resolve_model
 
     model = blackbox.get("model")
@@ -97,9 +97,9 @@ def model_path(blackbox: dict) -> str:
 
 
 def _base_model(path: str, blackbox: dict):
-    from bbfl.blackbox.local import _load_model
+    from bbfl.blackbox.loading import load_model
 
-    return _load_model(path, blackbox.get("head", "auto"), torch.float32).eval()
+    return load_model(path, blackbox.get("head", "auto"), torch.float32).eval()
 
 
 def prompt_refusal(blackbox: dict) -> str | None:

