@@ -101,23 +101,6 @@ def central_difference(
     return (plus - minus) / (2 * h), z
 
 
-def spsa(
-    loss: Loss, params: Sequence[torch.Tensor], seed: int, step: int, h: float = 1e-2, k: int = 1
-) -> tuple[list[float], list[torch.Tensor]]:
-    """SPSA with ``k`` directions (steps ``step * k + i``): the gradient estimate is mean_i s_i z_i.
-
-    Returns the k scalars and the averaged estimate (FedKSeed sends only the scalars and the seed).
-    """
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
-    scalars, total = [], [torch.zeros(p.shape) for p in params]
-    for i in range(k):
-        s, z = central_difference(loss, params, seed, step * k + i, h)
-        scalars.append(s)
-        total = [t + s * d / k for t, d in zip(total, z)]
-    return scalars, total
-
-
 def jvp_gradient(
     loss_of: Callable[[Sequence[torch.Tensor]], torch.Tensor],
     params: Sequence[torch.Tensor],
