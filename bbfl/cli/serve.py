@@ -69,7 +69,7 @@ def serve(
     need), OpenAI-compatible /v1/embeddings, /v1/completions (logprobs; echo for a causal LM) and
     /v1/chat/completions (next-token top_logprobs), and /health. Concurrent text requests are batched."""
     try:
-        from bbfl.blackbox import LocalBlackBox
+        from bbfl.experiment import BlackBoxConfig
         from bbfl.serve import ServeLimits
         from bbfl.serve import serve as run_server
     except ImportError as exc:
@@ -93,7 +93,7 @@ def serve(
     if not 0 <= batch_wait_ms <= 1000:
         fail(ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {batch_wait_ms}"))
     try:
-        blackbox = LocalBlackBox(
+        blackbox = BlackBoxConfig(
             model,
             head=head,
             device=device,
@@ -102,7 +102,7 @@ def serve(
             prompt_placement=prompt_placement,
             prompt_position=prompt_position,
             max_length=max_length,
-        )
+        ).build()
     except BBFLError as exc:
         fail(exc)
     limits = ServeLimits(
