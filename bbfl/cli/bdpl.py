@@ -12,7 +12,18 @@ from contextlib import ExitStack
 import typer
 from rich.markup import escape
 
-from bbfl.cli._app import OUT, STRICT, TEST_LIMIT, app, console, fail, print_run_dir, progress_bar, refuse_finished
+from bbfl.cli._app import (
+    OUT,
+    STRICT,
+    TEST_LIMIT,
+    app,
+    console,
+    fail,
+    interrupt_hint,
+    print_run_dir,
+    progress_bar,
+    refuse_finished,
+)
 from bbfl.exceptions import BBFLError, ConfigError
 
 BDPL_DEMO_PRESET = {"steps": 20, "prompt_length": 5, "num_candidates": 50, "samples": 8}
@@ -112,6 +123,7 @@ def bdpl(
                 task=task, data_dir=data_dir, spec_file=spec, k_shot=k_shot, test_limit=test_limit, strict=strict
             )
         with ExitStack() as stack:
+            hint = stack.enter_context(interrupt_hint("bdpl"))  # first in, last out: after the bar has closed
             bar = _LateBar(stack, "BDPL")
 
             def on_zero_shot(zero: dict) -> None:
@@ -130,7 +142,7 @@ def bdpl(
                         f"best {record['best_dev_accuracy']:.4f}  max p {record['max_prob']:.3f}"
                     )
 
-            result = run_bdpl_experiment(data_cfg, cfg, endpoint, out, resume, on_zero_shot, on_step)
+            result = run_bdpl_experiment(data_cfg, cfg, endpoint, out, resume, on_zero_shot, on_step, on_run=hint)
     except BBFLError as exc:
         fail(exc)
     summary = result.summary
@@ -217,6 +229,7 @@ def fedone(
                 alpha=alpha,
             )
         with ExitStack() as stack:
+            hint = stack.enter_context(interrupt_hint("fedone"))  # first in, last out: after the bar has closed
             bar = _LateBar(stack, "FedOne")
 
             def on_zero_shot(zero: dict) -> None:
@@ -231,7 +244,9 @@ def fedone(
                     f"clients {record['aggregated']}  max p {record.get('max_prob', float('nan')):.3f}"
                 )
 
-            result = run_fedone_experiment(data_cfg, cfg, engine_cfg, endpoint, out, resume, on_zero_shot, on_round)
+            result = run_fedone_experiment(
+                data_cfg, cfg, engine_cfg, endpoint, out, resume, on_zero_shot, on_round, on_run=hint
+            )
     except BBFLError as exc:
         fail(exc)
     summary = result.summary
