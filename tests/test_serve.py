@@ -268,7 +268,7 @@ def test_bbt_cli_against_served_model_writes_no_secret(served, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     (run_dir,) = tmp_path.iterdir()
     recorded = json.loads((run_dir / "config.json").read_text())["blackbox"]
-    assert recorded["model"] == url and recorded["head"] == "encoder"  # what the server reported
+    assert recorded["model"] == url and recorded["head"] == "mlm"  # what the server reported (a tiny BERT-MLM)
     assert not {"dtype", "device", "max_length", "max_tokens"} & set(recorded)  # ignored settings are not recorded
     files = [p for p in Path(tmp_path).rglob("*") if p.is_file()]
     assert files and not [p for p in files if TOKEN.encode() in p.read_bytes()]
