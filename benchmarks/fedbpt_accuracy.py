@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bbfl.blackbox.placement import prompt_origin
 from bbfl.experiment import BlackBoxConfig, FederatedDataConfig, prepare_federated_data
@@ -70,7 +71,7 @@ def run_federated(args, seed: int, setting: str) -> dict:
     data = _data_config(args, args.clients, partition)
     fed = _fed_config(args, seed, aggregation, **extra)
     engine = EngineConfig(rounds=args.rounds, seed=seed, transport_dtype=transport)
-    bb = BlackBoxConfig(max_length=args.max_length)
+    bb = BlackBoxConfig(max_length=args.max_length, prompt_attention=args.prompt_attention)
     run, records = run_fedbpt_experiment(data, fed, engine, bb, tempfile.mkdtemp(prefix="bbfl-fedbpt-"))
     last = records[-1]
     client_sizes = json.loads((run.path / "config.json").read_text())["client_sizes"]
@@ -121,7 +122,7 @@ def run_central(args, seed: int, queries: int, examples: int) -> dict:
     """BBT on the union of the clients' data (one client, the whole pool) at the federation's cost."""
     data = _data_config(args, 1, "iid")
     task, (pool,), test = prepare_federated_data(data, seed)
-    blackbox = BlackBoxConfig(max_length=args.max_length).build()
+    blackbox = BlackBoxConfig(max_length=args.max_length, prompt_attention=args.prompt_attention).build()
     train_e, test_e = blackbox.encode(task, pool), blackbox.encode(task, test)
     budget = queries if args.match == "queries" else max(args.popsize, examples // len(pool))
     cfg = BBTConfig(
@@ -216,9 +217,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--match", choices=["queries", "examples"], default="examples")
+    ap.add_argument("--prompt-attention", default="auto", help="auto (full: the paper's function) or prefix (faster)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default="fedbpt_results.jsonl", help="JSON-lines results file (appended)")
     ap.add_argument("--table", default=None, help="print the table of this results file and exit")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.table:
         print_table([json.loads(line) for line in Path(args.table).read_text().splitlines()])
         return
@@ -243,7 +248,8 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
     print(
         f"\n{args.task}: {args.clients} clients, {args.k_shot} shots/class in all, {args.rounds} rounds, "
-        f"L={args.prompt_length}, d={args.intrinsic_dim}, centralised matched on {args.match}\n"
+        f"L={args.prompt_length}, d={args.intrinsic_dim}, centralised matched on {args.match}, "
+        f"prompt attention {args.prompt_attention}\n"
     )
     print_table(results)
 
