@@ -150,7 +150,7 @@ class BlackBoxConfig:
         model, extra = self.model, {}
         if model is None:
             extra["model_name"] = EMBEDDED_MODEL_NAME
-        elif not self.is_remote and Path(model).is_dir():
+        elif Path(model).is_dir():
             model = str(Path(model).resolve())
             extra["model_fingerprint"] = model_fingerprint(model)
         return {

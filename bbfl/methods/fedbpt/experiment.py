@@ -47,10 +47,7 @@ def run_fedbpt_experiment(
     """FedBPT on the in-process engine; checkpoints every round; ``resume`` continues a run directory."""
     if resume is not None:
         run = open_for_resume(resume)
-        saved = run.config
-        data_cfg = data_config_from_run(saved, FederatedDataConfig)
-        fed_cfg, engine_cfg = FedBPTConfig(**saved["fedbpt"]), EngineConfig(**saved["engine"])
-        bb_cfg = BlackBoxConfig.from_saved(saved["blackbox"])
+        data_cfg, fed_cfg, engine_cfg, bb_cfg = _configs_of_run(run.config)
     task, client_splits, test = prepare_federated_data(data_cfg, fed_cfg.seed)
     blackbox = bb_cfg.build()
     if resume is None:
@@ -203,7 +200,16 @@ def run_fedbpt_personal_experiment(
 
 def fedbpt_from_config(config: dict) -> tuple[FederatedMethod, EngineConfig]:
     """(FedBPT, engine config) from a fedbpt run's ``config.json`` contents - what Flower's apps build."""
-    engine_cfg, bb_cfg = EngineConfig(**config["engine"]), BlackBoxConfig.from_saved(config["blackbox"])
-    data_cfg, fed_cfg = data_config_from_run(config, FederatedDataConfig), FedBPTConfig(**config["fedbpt"])
+    data_cfg, fed_cfg, engine_cfg, bb_cfg = _configs_of_run(config)
     task, splits, test = prepare_federated_data(data_cfg, fed_cfg.seed)
     return fedbpt_method(fed_cfg, engine_cfg, bb_cfg.build(), task, splits, test), engine_cfg
+
+
+def _configs_of_run(config: dict) -> tuple[FederatedDataConfig, FedBPTConfig, EngineConfig, BlackBoxConfig]:
+    """The settings a fedbpt run's config.json records: what a resume and Flower's apps rebuild it from."""
+    return (
+        data_config_from_run(config, FederatedDataConfig),
+        FedBPTConfig(**config["fedbpt"]),
+        EngineConfig(**config["engine"]),
+        BlackBoxConfig.from_saved(config["blackbox"]),
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bbfl.experiment import (
     BlackBoxConfig,
@@ -21,6 +22,10 @@ from bbfl.experiment import (
 from bbfl.federation.contract import FederatedMethod
 from bbfl.federation.engine import EngineConfig
 from bbfl.report import RunDir, save_arrays
+
+if TYPE_CHECKING:
+    from bbfl.methods.fedkseed import FedKSeedConfig
+    from bbfl.methods.fwdllm import FwdLLMConfig
 
 # ---------------------------------------------------------------------- forward-only PEFT (FwdLLM, FedKSeed)
 FORWARD_METHODS = ("fwdllm", "fedkseed")
@@ -69,9 +74,7 @@ def run_forward_experiment(
         raise ConfigError(f"unknown forward method {name!r}; expected one of {FORWARD_METHODS}")
     if resume is not None:
         run = open_for_resume(resume)
-        saved = run.config
-        data_cfg, method_cfg = data_config_from_run(saved, FederatedDataConfig), forward_config(name, saved[name])
-        engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
+        data_cfg, method_cfg, engine_cfg, bb_cfg = _configs_of_run(name, run.config)
     bb_cfg = forward_blackbox(bb_cfg, method_cfg.peft)
     task, client_splits, test = prepare_federated_data(data_cfg, method_cfg.seed)
     blackbox = bb_cfg.build()
@@ -115,9 +118,20 @@ def run_forward_experiment(
 
 def forward_from_config(config: dict) -> tuple[FederatedMethod, EngineConfig]:
     """(FwdLLM or FedKSeed, engine config) from such a run's ``config.json`` contents - what Flower's apps build."""
-    engine_cfg, bb_cfg = EngineConfig(**config["engine"]), BlackBoxConfig.from_saved(config["blackbox"])
     name = config["method"]
-    data_cfg, cfg = data_config_from_run(config, FederatedDataConfig), forward_config(name, config[name])
+    data_cfg, cfg, engine_cfg, bb_cfg = _configs_of_run(name, config)
     task, splits, test = prepare_federated_data(data_cfg, cfg.seed)
     blackbox = forward_blackbox(bb_cfg, cfg.peft).build()
     return forward_method(name, cfg, engine_cfg, blackbox, task, splits, test), engine_cfg
+
+
+def _configs_of_run(
+    name: str, config: dict
+) -> tuple[FederatedDataConfig, FwdLLMConfig | FedKSeedConfig, EngineConfig, BlackBoxConfig]:
+    """The settings a fwdllm / fedkseed run's config.json records: what a resume and Flower's apps rebuild it from."""
+    return (
+        data_config_from_run(config, FederatedDataConfig),
+        forward_config(name, config[name]),
+        EngineConfig(**config["engine"]),
+        BlackBoxConfig.from_saved(config["blackbox"]),
+    )

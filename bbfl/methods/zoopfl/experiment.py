@@ -38,9 +38,7 @@ def run_zoopfl_experiment(
     """ZooPFL on the in-process engine: global and personalised accuracy per round; resumable."""
     if resume is not None:
         run = open_for_resume(resume)
-        saved = run.config
-        data_cfg, zoo_cfg = data_config_from_run(saved, PersonalDataConfig), ZooPFLConfig(**saved["zoopfl"])
-        engine_cfg, bb_cfg = EngineConfig(**saved["engine"]), BlackBoxConfig.from_saved(saved["blackbox"])
+        data_cfg, zoo_cfg, engine_cfg, bb_cfg = _configs_of_run(run.config)
     task, trains, tests, test = prepare_personal_data(data_cfg, zoo_cfg.seed)
     blackbox = bb_cfg.build()
     if resume is None:
@@ -86,7 +84,16 @@ def zoopfl_method(zoo_cfg, blackbox, task, trains, tests, test):
 
 def zoopfl_from_config(config: dict) -> tuple[FederatedMethod, EngineConfig]:
     """(ZooPFL, engine config) from a zoopfl run's ``config.json`` contents - what Flower's apps build."""
-    engine_cfg, bb_cfg = EngineConfig(**config["engine"]), BlackBoxConfig.from_saved(config["blackbox"])
-    data_cfg, zoo_cfg = data_config_from_run(config, PersonalDataConfig), ZooPFLConfig(**config["zoopfl"])
+    data_cfg, zoo_cfg, engine_cfg, bb_cfg = _configs_of_run(config)
     task, trains, tests, test = prepare_personal_data(data_cfg, zoo_cfg.seed)
     return zoopfl_method(zoo_cfg, bb_cfg.build(), task, trains, tests, test), engine_cfg
+
+
+def _configs_of_run(config: dict) -> tuple[PersonalDataConfig, ZooPFLConfig, EngineConfig, BlackBoxConfig]:
+    """The settings a zoopfl run's config.json records: what a resume and Flower's apps rebuild it from."""
+    return (
+        data_config_from_run(config, PersonalDataConfig),
+        ZooPFLConfig(**config["zoopfl"]),
+        EngineConfig(**config["engine"]),
+        BlackBoxConfig.from_saved(config["blackbox"]),
+    )
