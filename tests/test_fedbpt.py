@@ -138,7 +138,10 @@ def test_one_client_one_round_is_centralised_bbt(tmp_path, minilm, monkeypatch, 
     seed = round_seed(9, 1, 0)
     bbt_cfg = BBTConfig(intrinsic_dim=40, prompt_length=4, popsize=4, budget=12, eval_every=10**6, seed=seed)
     central = run_bbt(bbt_cfg, minilm, data, data, projection)
-    fed_cfg = FedBPTConfig(intrinsic_dim=40, prompt_length=4, local_popsize=4, local_iter=3, aggregation=rule)
+    # perturb_rate 0: centralised BBT scores the plain loss, not FedBPT's fitness ratio
+    fed_cfg = FedBPTConfig(
+        intrinsic_dim=40, prompt_length=4, local_popsize=4, local_iter=3, aggregation=rule, perturb_rate=0.0
+    )
     method = FedBPT(fed_cfg, minilm, [data], data, projection, "ce", 1)
     uploads = []
     original = FedBPT.client_update
@@ -207,21 +210,25 @@ def load_z(run) -> np.ndarray:
 
 
 def test_skewed_client_sizes_warn_about_fedbpts_rank_weights(tmp_path, caplog):
-    """The server ranks clients by their own-data loss; with sizes 1..11 the user is told to consider fedavg."""
+    """With the plain loss the server ranks clients by their own-data loss; with sizes 1..11 the user is told
+    to use the paper's fitness ratio or fedavg. The default (the ratio), fedavg and IID splits do not warn."""
     skewed = _data(partition="dirichlet", alpha=0.05)  # seed 0: client sizes [11, 1, 11, 1]
     one_round = EngineConfig(rounds=1, seed=0)
     with caplog.at_level("WARNING", logger="bbfl.federation"):
-        _run(tmp_path, "rank", engine=one_round, data=skewed, fed=FedBPTConfig(**SMALL, seed=0))
+        _run(tmp_path, "rank", engine=one_round, data=skewed, fed=FedBPTConfig(**SMALL, seed=0, perturb_rate=0.0))
     assert "from 1 to 11 examples" in caplog.text and "--aggregation fedavg" in caplog.text
+    assert "--perturb-rate 0.5" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="bbfl.federation"):
+        _run(tmp_path, "ratio", engine=one_round, data=skewed, fed=FedBPTConfig(**SMALL, seed=0))
         _run(tmp_path, "avg", engine=one_round, data=skewed, fed=FedBPTConfig(**SMALL, seed=0, aggregation="fedavg"))
-        _run(tmp_path, "iid", engine=one_round, fed=FedBPTConfig(**SMALL, seed=0))
+        _run(tmp_path, "iid", engine=one_round, fed=FedBPTConfig(**SMALL, seed=0, perturb_rate=0.0))
     assert "--aggregation fedavg" not in caplog.text
 
 
 REPLAY_CASES = {
-    "plain": dict(fed={}, engine={}),
+    "plain": dict(fed=dict(perturb_rate=0.0), engine={}),
+    "ratio": dict(fed={}, engine={}),  # the default: the paper's fitness ratio
     "paper": dict(fed=dict(perturb_rate=0.5, downlink_covariance=True), engine=dict(transport_dtype="float16")),
 }
 

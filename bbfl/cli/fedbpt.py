@@ -58,7 +58,11 @@ def fedbpt(
     local_iter: int = typer.Option(8, help="Client CMA-ES generations per round."),
     intrinsic_dim: int = typer.Option(500, help="d: CMA-ES search dimension."),
     prompt_length: int | None = typer.Option(None, help="L: soft-prompt tokens (paper: 50)."),
-    perturb_rate: float = typer.Option(0.0, help="> 0: fitness = loss / loss on token-perturbed data (paper: 0.5)."),
+    perturb_rate: float = typer.Option(
+        0.5,
+        help="Fitness = loss / loss on a copy with this share of tokens replaced, drawn each round (the paper's "
+        "0.5); 0 = plain loss (half the cost; smallest clients lead on label-skewed splits, see README).",
+    ),
     aggregation: str = typer.Option(
         "fedbpt",
         help="fedbpt (paper: server CMA-ES ranks the client means by each client's own loss), fedavg "

@@ -61,7 +61,7 @@ def run_fedbpt_experiment(
             **data_record(task, test),
         }
         run = RunDir.create(out_root, f"fedbpt-{task.name}", config)
-        _warn_if_rank_weights_favour_small_clients(fed_cfg.aggregation, config["client_sizes"])
+        _warn_if_rank_weights_favour_small_clients(fed_cfg, config["client_sizes"])
     if on_run is not None:
         on_run(run)
     method = fedbpt_method(fed_cfg, engine_cfg, blackbox, task, client_splits, test)
@@ -97,14 +97,16 @@ def run_fedbpt_experiment(
     return run, records
 
 
-def _warn_if_rank_weights_favour_small_clients(aggregation: str, sizes: list[int]) -> None:
+def _warn_if_rank_weights_favour_small_clients(cfg: FedBPTConfig, sizes: list[int]) -> None:
     """Once, when a run starts (not on resume, not in every Flower process that rebuilds the method)."""
-    if aggregation == "fedbpt" and max(sizes) >= 4 * max(1, min(sizes)):
-        # measured in the README (FedBPT results): the server's rank weights go to the clients with the
-        # lowest loss on their *own* data, i.e. the smallest, overfitted ones, under Dirichlet splits
+    if cfg.aggregation == "fedbpt" and cfg.perturb_rate == 0 and max(sizes) >= 4 * max(1, min(sizes)):
+        # measured in the README (FedBPT results): with the plain loss the server's rank weights go to the
+        # clients with the lowest loss on their *own* data, i.e. the smallest, overfitted ones, under
+        # Dirichlet splits; the paper's fitness ratio tempers them
         logging.getLogger("bbfl.federation").warning(
             "client sizes range from %d to %d examples: FedBPT's server ranks clients by the loss on their own "
-            "data, so the smallest clients lead its update; --aggregation fedavg weights clients by examples",
+            "data, and with --perturb-rate 0 the smallest clients lead its update; the paper's fitness ratio "
+            "(--perturb-rate 0.5) or --aggregation fedavg (weights clients by examples) avoids that",
             min(sizes),
             max(sizes),
         )
