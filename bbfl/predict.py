@@ -104,6 +104,8 @@ class Predictor:
                 f"bbfl predict reads runs of {', '.join(SOFT_PROMPT_METHODS + PEFT_METHODS + PERSONAL_METHODS)}; "
                 f"{self.run.path} is a {self.method!r} run"
             )
+        # the phrasing the model reads (a causal head: the task's causal template, if it has one)
+        self.task = self.task.for_head(getattr(self.blackbox, "head", ""))
 
     @property
     def labels(self) -> list[str]:

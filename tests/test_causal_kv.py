@@ -113,7 +113,7 @@ def test_local_blackbox_after_input_scores_the_prompt_after_the_input(tiny_model
     from bbfl.data import load_task
 
     bb = LocalBlackBox(str(tiny_models["llama"]), prompt_position="after_input", max_tokens=300)
-    task = load_task("demo")
+    task = load_task("demo").for_head("causal")  # what a causal head reads (encode picks it itself)
     split = task.train.head(7)
     data = bb.encode(task, split)
     prompts = torch.randn(5, 3, bb.hidden_size, generator=torch.Generator().manual_seed(5)) * 0.1

@@ -120,7 +120,9 @@ def test_completions_scoring_gives_label_word_log_likelihoods(servers, causal, d
         "tiny", base_url=servers["gpt2"], api_key=TOKEN, scoring="completions", echo_batch=4, verify=False
     )
     data = bb.encode(task, dev.head(3))
-    assert data.texts[0].endswith("It was")  # the template cut at {mask}: the label word comes next
+    # a completions endpoint reads the task as a causal LM: the registry's causal template, cut at {mask}
+    assert data.texts[0].startswith("Review: ") and data.texts[0].endswith("\nSentiment:")
+    assert data.label_words == ["negative", "positive"]
     data.label_words = ["bad", "great", "not bad at all"]  # a multi-token word: its tokens' log-probs are summed
     prompts = ["", "Review: "]
     scores = bb.logits(prompts, data)
@@ -153,7 +155,8 @@ def test_completions_budget_is_never_exceeded_and_cache_is_per_text(servers, dem
     assert bb.counter.stats.queries <= bb.counter.budget
     # a template with nothing before {mask} and no prompt: a clear error, before the budget is touched
     free = OpenAIBlackBox("tiny", base_url=base, api_key=TOKEN, scoring="completions", budget=1, verify=False)
-    agnews = dataclasses.replace(task, template="{mask} News: {text}")  # agnews' shape: the label word first
+    # agnews' shape: the label word first (and no causal phrasing to read instead)
+    agnews = dataclasses.replace(task, template="{mask} News: {text}", causal_template="")
     with pytest.raises(ConfigError, match="no text before the label word"):
         free.logits(None, free.encode(agnews, dev.head(1)))
     assert free.counter.stats.queries == 0 and free.cost()["requests"] == 0

@@ -22,8 +22,6 @@ from bbfl import models
 from bbfl.exceptions import ConfigError
 from tests.conftest import shared_task_dir, skip_or_fail
 
-SST2_CAUSAL = dict(template="Review: {text}\nSentiment: {mask}", label_words=["negative", "positive"])
-
 
 def _require_smollm2() -> None:
     try:
@@ -47,7 +45,9 @@ def smollm2():
 def sst2_sample():
     from bbfl.data import load_task
 
-    task = load_task("sst2", data_dir=shared_task_dir("sst2"), **SST2_CAUSAL)
+    # the registry's causal phrasing ("Review: {text}\nSentiment: {mask}", negative / positive), read by
+    # the causal head itself: the tests below pin that choice on the real model
+    task = load_task("sst2", data_dir=shared_task_dir("sst2")).for_head("causal")
     picked = np.random.default_rng(0).choice(len(task.test), 100, replace=False)  # seeded, not the first N
     return task, task.test.subset(picked)
 

@@ -104,3 +104,46 @@ def test_read_records_unknown_suffix(tmp_path):
     path.write_text("x")
     with pytest.raises(DataError, match="unknown file type '.parquet'"):
         read_records(path)
+
+
+def test_causal_heads_read_the_registry_causal_phrasing_unless_the_user_phrased_the_task(tmp_path):
+    """sst2/demo carry a causal template (SmolLM2 reads "Review: ...\\nSentiment:" far better than BBT's cloze);
+    masked-LM and encoder heads keep BBT's; a user's template or label words win for every head."""
+    task = load_task("sst2", data_dir=shared_task_dir("sst2"))
+    causal = task.for_head("causal")
+    assert causal.template == "Review: {text}\nSentiment: {mask}" and causal.label_words == ["negative", "positive"]
+    assert task.for_head("mlm") is task and task.for_head("encoder") is task
+    assert task.template == "{text} . It was {mask} ." and task.label_words == ["bad", "great"]
+    assert causal.format_before_mask(task.train.head(1)) == [f"Review: {task.train.texts[0]}\nSentiment:"]
+    assert "causal LMs read" in task.describe()
+    # the user's phrasing: no registry causal phrasing left behind
+    mine = load_task("demo", template="Text: {text} Mood: {mask}")
+    assert mine.for_head("causal").template == "Text: {text} Mood: {mask}" and not mine.causal_template
+    words = load_task("demo", label_words=["awful", "fine"])
+    assert words.for_head("causal").label_words == ["awful", "fine"]
+    # a spec can give both phrasings; causal words as a table by class; the run record rebuilds the task
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'template = "{text} It was {mask}."\ncausal_template = "Q: {text}\\nA: {mask}"\n'
+        '[causal_label_words]\npositive = "yes"\nnegative = "no"\n'
+    )
+    both = load_task("demo", spec_file=spec)
+    assert both.for_head("causal").template == "Q: {text}\nA: {mask}"
+    assert both.for_head("causal").label_words == ["no", "yes"] and both.for_head("mlm").label_words == ["bad", "great"]
+    rebuilt = load_task("demo", **both.spec_record())
+    assert rebuilt.for_head("causal").spec_record() == both.for_head("causal").spec_record()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ('causal_template = "Q: {text}"', "must contain {text} and {mask}"),
+        ('causal_template = "Q: {text} A: {mask}"\ncausal_label_words = ["no"]', "causal_label_words should be 2"),
+        ('template = "{text} {mask}"\ncausal_label_words = ["no", "yes"]', "without a causal_template"),
+    ],
+)
+def test_bad_causal_phrasing_is_named(tmp_path, spec, message):
+    path = tmp_path / "spec.toml"
+    path.write_text(spec)
+    with pytest.raises(DataError, match=message):
+        load_task("demo", spec_file=path)

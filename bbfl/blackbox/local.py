@@ -166,6 +166,7 @@ class LocalBlackBox:
     # ------------------------------------------------------------------ data
     def encode(self, task: Task, split: Split) -> Encoded:
         """Tokenize a split once (the head decides which template is used)."""
+        task = task.for_head(self.head)
         self._prepare_task(task)
         if self.head == "encoder":
             texts = task.format_for_encoder(split)

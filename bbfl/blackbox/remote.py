@@ -202,7 +202,8 @@ class RemoteBlackBox:
         """Keep the texts to send (the server tokenizes, and caches, them) and the labels (never sent)."""
         pairs = None if split.text_pairs is None else list(split.text_pairs)
         labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
-        return RemoteEncoded(list(split.texts), pairs, labels, task_spec(task))
+        # phrased for the server's head here: the wire carries one template and one set of label words
+        return RemoteEncoded(list(split.texts), pairs, labels, task_spec(task.for_head(self.head)))
 
     def perturbed(self, data: RemoteEncoded, rate: float, seed: int) -> RemoteEncoded:
         """FedBPT's token-perturbed copy; the server applies it with its tokenizer (same as a local run)."""

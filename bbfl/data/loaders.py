@@ -28,6 +28,8 @@ SPEC_KEYS = {
     "template",
     "encoder_template",
     "loss",
+    "causal_template",
+    "causal_label_words",
     "text_col",
     "pair_col",
     "label_col",
@@ -215,7 +217,7 @@ def _pair_with_labels(fields: dict, source: Path, *, inferred_by_name: bool) -> 
     became ABBR, DESC, ... and ABBR got DESC's description. So a list then needs ``labels``.
     """
     labels = fields["labels"]
-    for key in ("label_words", "label_descriptions"):
+    for key in ("label_words", "label_descriptions", "causal_label_words"):
         value = fields.get(key)
         if isinstance(value, dict):
             missing = [x for x in labels if x not in value]
@@ -242,10 +244,11 @@ def _spec_fields(name, spec, spec_file, overrides) -> dict:
         fields = {
             k: (list(v) if isinstance(v, tuple) else v)
             for k, v in vars(base).items()
-            if k in ("labels", "label_words", "label_descriptions", "template", "encoder_template", "loss")
+            if k in Task.SPEC_KEYS and v not in ("", ())
         }
         if base.hub_columns.get("text_pair") and "text_pair" in base.hub_columns:
             fields["pair_col"] = "text_pair"
+    loaded: dict[str, Any] = {}
     if spec_file is not None:
         path = Path(spec_file)
         if not path.is_file():
@@ -257,12 +260,15 @@ def _spec_fields(name, spec, spec_file, overrides) -> dict:
         unknown = set(loaded) - SPEC_KEYS
         if unknown:
             raise DataError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")
-        fields.update(loaded)
     unknown = set(overrides) - SPEC_KEYS
     if unknown:
         raise DataError(f"unknown task option(s) {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return fields
+    given = {**loaded, **{k: v for k, v in overrides.items() if v is not None}}
+    if {"template", "label_words"} & set(given) and "causal_template" not in given:
+        # the user's phrasing wins for every head: the registry's causal phrasing was written for its template
+        fields.pop("causal_template", None)
+        fields.pop("causal_label_words", None)
+    return {**fields, **given}
 
 
 def _resolve_dir(name: str, data_dir) -> Path | None:
@@ -353,6 +359,16 @@ def _validate(fields: dict, source: Path) -> None:
         raise DataError(f"encoder_template {fields['encoder_template']!r} must contain {{text}}")
     if fields["loss"] not in ("ce", "hinge"):
         raise DataError(f"loss {fields['loss']!r} must be 'ce' or 'hinge'")
+    causal = fields.get("causal_template", "")
+    if causal and ("{text}" not in causal or "{mask}" not in causal):
+        raise DataError(f"{source}: causal_template {causal!r} must contain {{text}} and {{mask}}")
+    words = fields.get("causal_label_words", [])
+    if words and (
+        not isinstance(words, list) or len(words) != n or not all(isinstance(x, str) and x.strip() for x in words)
+    ):
+        raise DataError(f"{source}: causal_label_words should be {n} non-empty strings (one per class), got {words!r}")
+    if words and not causal:
+        raise DataError(f"{source}: causal_label_words {words!r} given without a causal_template")
 
 
 def _load_from_hub(spec: TaskSpec, fields: dict) -> Task:

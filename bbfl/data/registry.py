@@ -22,6 +22,10 @@ class TaskSpec:
     hub_columns: dict = field(default_factory=lambda: {"text": "text", "label": "label"})
     hub_test_split: str = "test"
     description: str = ""
+    # what a causal LM reads instead of ``template`` / ``label_words`` (BBT's cloze templates suit masked
+    # LMs; a causal LM continues a "Field: value" line better); "" / () = the same as for masked LMs
+    causal_template: str = ""
+    causal_label_words: tuple[str, ...] = ()
 
 
 _SENTIMENT = dict(
@@ -29,6 +33,10 @@ _SENTIMENT = dict(
     label_words=("bad", "great"),
     label_descriptions=("It was terrible.", "It was great."),
     template="{text} . It was {mask} .",
+    # SmolLM2-135M-Instruct on 500 random SST-2 dev sentences: 80.6% zero-shot with this template
+    # (README), against 52.5% for "{text} Overall, the movie was" (99% predicted positive)
+    causal_template="Review: {text}\nSentiment: {mask}",
+    causal_label_words=("negative", "positive"),
 )
 _PAIR = dict(encoder_template=PAIR_ENCODER, loss="hinge", template="{text} ? {mask} , {text_pair}")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -42,7 +42,9 @@ class Task:
 
     ``template`` is the paper's prompt with ``{text}``, optional ``{text_pair}`` and ``{mask}``
     (MLM heads fill ``{mask}`` with the mask token; causal heads cut the template there).
-    ``encoder_template`` is used by sentence-encoder heads, which read no mask.
+    ``encoder_template`` is used by sentence-encoder heads, which read no mask. ``causal_template`` and
+    ``causal_label_words``, when set, replace ``template`` / ``label_words`` for causal LMs
+    (:meth:`for_head`): the registry gives them where a cloze template reads badly to a causal LM.
     """
 
     name: str
@@ -57,8 +59,31 @@ class Task:
     description: str = field(default="")
     columns: dict[str, str | None] = field(default_factory=dict)  # text_col / pair_col / label_col read
     defaulted: list[str] = field(default_factory=list)  # spec keys no spec gave (filled with defaults)
+    causal_template: str = ""  # "" = causal LMs read ``template``
+    causal_label_words: list[str] = field(default_factory=list)  # [] = ``label_words``
 
-    SPEC_KEYS = ("labels", "label_words", "label_descriptions", "template", "encoder_template", "loss")
+    SPEC_KEYS = (
+        "labels",
+        "label_words",
+        "label_descriptions",
+        "template",
+        "encoder_template",
+        "loss",
+        "causal_template",
+        "causal_label_words",
+    )
+
+    def for_head(self, head: str) -> Task:
+        """The task as a model with this head reads it: a causal head gets the causal phrasing, if any.
+
+        >>> from bbfl.data import load_task
+        >>> load_task("demo").for_head("causal").template
+        'Review: {text}\\nSentiment: {mask}'
+        """
+        if head != "causal" or not self.causal_template:
+            return self
+        words = self.causal_label_words or self.label_words
+        return replace(self, template=self.causal_template, label_words=list(words))
 
     def spec_record(self) -> dict:
         """The resolved spec (classes, template, words, descriptions, loss, columns) for config.json.
@@ -78,6 +103,9 @@ class Task:
         ]
         for label, word, desc in zip(self.labels, self.label_words, self.label_descriptions):
             lines.append(f"  {label} -> {word!r} | {desc!r}")
+        if self.causal_template:
+            words = ", ".join(repr(w) for w in self.causal_label_words or self.label_words)
+            lines.append(f"  causal LMs read {self.causal_template!r} with label words {words}")
         return "\n".join(lines)
 
     @property

@@ -71,10 +71,12 @@ class Scorer:
     def encode(self, task: Task, split: Split) -> TextBatch:
         """Phrase each example once: the task template (chat), the template up to its ``{mask}`` (completions:
         the label word follows), or the encoder template (embeddings)."""
+        if self.scoring == "completions":
+            task = task.for_head("causal")  # a completions endpoint is a causal LM: read as the local causal head
         if self.scoring == "chat":
             texts = task.format(split, self.mask_text)
         elif self.scoring == "completions":
-            texts = task.format_before_mask(split)  # as the local causal head reads it
+            texts = task.format_before_mask(split)
         else:
             texts = task.format_for_encoder(split)
         labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
