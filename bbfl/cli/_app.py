@@ -61,8 +61,8 @@ PROMPT_PLACEMENT = typer.Option(
 )
 PROMPT_POSITION = typer.Option(
     "start",
-    help="start (the papers': prompt before the input) or after_input (causal head: [input][prompt][tail], "
-    "the input's key/values computed once and shared by the whole population; exact).",
+    help="start (the papers': prompt before the input) or after_input (causal head: input, then prompt, then "
+    "template tail; the input's key/values computed once and shared by the whole population; exact).",
 )
 MAX_LENGTH = typer.Option(128, help="Truncate examples to this many tokens.")
 OUT = typer.Option("runs", help="Parent folder of the run directory.")
