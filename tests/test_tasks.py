@@ -116,6 +116,8 @@ def test_causal_heads_read_the_registry_causal_phrasing_unless_the_user_phrased_
     assert task.template == "{text} . It was {mask} ." and task.label_words == ["bad", "great"]
     assert causal.format_before_mask(task.train.head(1)) == [f"Review: {task.train.texts[0]}\nSentiment:"]
     assert "causal LMs read" in task.describe()
+    agnews = load_task("agnews", data_dir=shared_task_dir("agnews")).for_head("causal")
+    assert agnews.template == "{text}\nThis news article is about {mask}" and agnews.label_words[3] == "technology"
     # the user's phrasing: no registry causal phrasing left behind
     mine = load_task("demo", template="Text: {text} Mood: {mask}")
     assert mine.for_head("causal").template == "Text: {text} Mood: {mask}" and not mine.causal_template

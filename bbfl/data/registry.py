@@ -64,6 +64,10 @@ TASKS: dict[str, TaskSpec] = {
                 "Science and technology news.",
             ),
             template="{mask} News: {text}",
+            # chosen for SmolLM2-135M-Instruct among 4 phrasings on 200 seeded *training* examples: 75.5%
+            # (the others 58-60%, "Article: {text}\nTopic: {mask}" and "News: ...\nCategory: ...")
+            causal_template="{text}\nThis news article is about {mask}",
+            causal_label_words=("world", "sports", "business", "technology"),
             hub=("ag_news",),
             description="AG News topic classification",
         ),
