@@ -194,6 +194,17 @@ def open_resume(resume: str, command: str) -> dict:
     return config
 
 
+def say_resuming(resume: str, command: str) -> dict:
+    """Open a federated run to resume and say what it runs: its own settings, whatever flags were given."""
+    saved = open_resume(resume, command)
+    data, rounds = saved["data"], saved["engine"]["rounds"]
+    say(
+        f"resuming {resume} ({data['task']}, {data['num_clients']} clients, {data.get('partition', 'iid')}, "
+        f"{rounds} rounds): its own settings are used"
+    )
+    return saved
+
+
 class RunHint:
     """Where the current run directory is, so that Ctrl-C can say how to continue it."""
 

@@ -26,11 +26,11 @@ from bbfl.cli._app import (
     console,
     fail,
     interrupt_hint,
-    open_resume,
     print_run_dir,
     progress_bar,
     progress_line,
     say,
+    say_resuming,
 )
 from bbfl.exceptions import BBFLError, ConfigError
 
@@ -102,10 +102,9 @@ def fedbpt(
     from bbfl.report import summary_table
 
     if resume is not None:  # the saved run's settings win: the title and the lines below say what it really runs
-        saved = open_resume(resume, "fedbpt")
-        task, clients = saved["data"]["task"], saved["data"]["num_clients"]
-        partition, rounds = saved["data"]["partition"], saved["engine"]["rounds"]
-        say(f"resuming {resume} ({task}, {clients} clients, {partition}, {rounds} rounds): its own settings are used")
+        saved = say_resuming(resume, "fedbpt")
+        task, rounds = saved["data"]["task"], saved["engine"]["rounds"]
+        clients, partition = saved["data"]["num_clients"], saved["data"]["partition"]  # for the summary's title
     preset = FEDBPT_DEMO_PRESET if task == "demo" else {}
     k_shot = k_shot if k_shot is not None else preset.get("k_shot", 200)
     rounds = rounds if rounds is not None else preset.get("rounds", 200)

@@ -20,11 +20,10 @@ from bbfl.cli._app import (
     console,
     fail,
     interrupt_hint,
-    open_resume,
     print_run_dir,
     progress_bar,
     progress_line,
-    say,
+    say_resuming,
 )
 from bbfl.exceptions import BBFLError
 
@@ -87,11 +86,8 @@ def _resumed(name: str, resume: str | None, task: str, rounds: int) -> tuple[str
     """(task, rounds) the run really uses: a resumed run's own, with a line saying it resumes."""
     if resume is None:
         return task, rounds
-    saved = open_resume(resume, name)
-    task, rounds = saved["data"]["task"], saved["engine"]["rounds"]
-    clients = saved["data"]["num_clients"]
-    say(f"resuming {resume} ({task}, {clients} clients, {rounds} rounds): its own settings are used")
-    return task, rounds
+    saved = say_resuming(resume, name)
+    return saved["data"]["task"], saved["engine"]["rounds"]
 
 
 def _summary(name: str, task: str, run, records: list[dict]) -> None:

@@ -18,11 +18,10 @@ from bbfl.cli._app import (
     console,
     fail,
     interrupt_hint,
-    open_resume,
     print_run_dir,
     progress_bar,
     progress_line,
-    say,
+    say_resuming,
 )
 from bbfl.exceptions import BBFLError
 
@@ -70,10 +69,9 @@ def zoopfl(
     from bbfl.report import summary_table
 
     if resume is not None:  # the saved run's settings win: the title and the lines below say what it really runs
-        saved = open_resume(resume, "zoopfl")
-        task, clients = saved["data"]["task"], saved["data"]["num_clients"]
-        partition, rounds = saved["data"]["partition"], saved["engine"]["rounds"]
-        say(f"resuming {resume} ({task}, {clients} clients, {partition}, {rounds} rounds): its own settings are used")
+        saved = say_resuming(resume, "zoopfl")
+        task, rounds = saved["data"]["task"], saved["engine"]["rounds"]
+        clients, partition = saved["data"]["num_clients"], saved["data"]["partition"]  # for the summary's title
     try:
         data_cfg = PersonalDataConfig(
             task=task,
