@@ -22,6 +22,7 @@ def test_help_lists_commands():
 def test_tasks_lists_registry():
     result = runner.invoke(app, ["tasks"])
     assert result.exit_code == 0 and "agnews" in result.output and "sst2" in result.output
+    assert "Review:" in result.output and "[ Category:" in result.output  # causal column; brackets survive rich
 
 
 @pytest.mark.parametrize(

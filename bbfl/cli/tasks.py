@@ -23,10 +23,15 @@ def tasks() -> None:
     from bbfl.data import list_tasks
 
     table = Table(title="Known tasks (custom ones: --data-dir + --spec)")
-    for col in ("task", "classes", "template", "label words"):
+    for col in ("task", "classes", "template", "label words", "causal LMs read (else the template)"):
         table.add_column(col)
     for spec in list_tasks():
-        table.add_row(spec.name, str(len(spec.labels)), spec.template, ", ".join(spec.label_words))
+        causal = ""
+        if spec.causal_template:  # shown on one line: the template's newline as \n
+            causal_words = ", ".join(spec.causal_label_words or spec.label_words)
+            causal = f"{spec.causal_template.replace(chr(10), chr(92) + 'n')} ({causal_words})"
+        words = ", ".join(spec.label_words)
+        table.add_row(spec.name, str(len(spec.labels)), escape(spec.template), escape(words), escape(causal))
     console.print(table)
 
 
