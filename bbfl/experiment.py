@@ -72,8 +72,15 @@ def data_record(task: Task, test: Split) -> dict:
 
 
 def data_config_from_run(config: dict, cls: type[DataConfig] = DataConfig) -> DataConfig:
-    """A run's data settings from its config.json; when its spec file is gone, the task it recorded."""
-    return with_recorded_task(cls.from_saved(config["data"]), config)
+    """A run's data settings from its config.json; when its spec file is gone, the task it recorded.
+
+    A run recorded before tasks had a causal phrasing keeps the phrasing it ran with (no causal template).
+    """
+    cfg = cls.from_saved(config["data"])
+    recorded = config.get("resolved_task")
+    if recorded and "causal_template" not in recorded and "causal_template" not in cfg.spec_overrides:
+        cfg = replace(cfg, spec_overrides={**cfg.spec_overrides, "causal_template": ""})
+    return with_recorded_task(cfg, config)
 
 
 def with_recorded_task(cfg: DataConfig, config: dict) -> DataConfig:

@@ -149,3 +149,16 @@ def test_bad_causal_phrasing_is_named(tmp_path, spec, message):
     path.write_text(spec)
     with pytest.raises(DataError, match=message):
         load_task("demo", spec_file=path)
+
+
+def test_a_run_recorded_before_causal_phrasings_resumes_with_the_phrasing_it_ran():
+    """An old config.json (resolved task without causal keys) of a causal-LM run keeps BBT's cloze template."""
+    from bbfl.experiment import data_config_from_run, load_data_task
+
+    old = {"data": {"task": "demo", "k_shot": 8}, "resolved_task": load_task("demo").spec_record()}
+    for key in ("causal_template", "causal_label_words"):
+        old["resolved_task"].pop(key)
+    task = load_data_task(data_config_from_run(old))
+    assert task.for_head("causal").template == "{text} . It was {mask} ." and not task.causal_template
+    new = {"data": {"task": "demo", "k_shot": 8}, "resolved_task": load_task("demo").spec_record()}
+    assert load_data_task(data_config_from_run(new)).for_head("causal").template.startswith("Review: ")

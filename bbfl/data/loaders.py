@@ -268,7 +268,11 @@ def _spec_fields(name, spec, spec_file, overrides) -> dict:
         # the user's phrasing wins for every head: the registry's causal phrasing was written for its template
         fields.pop("causal_template", None)
         fields.pop("causal_label_words", None)
-    return {**fields, **given}
+    merged = {**fields, **given}
+    if given.get("causal_template") == "":  # no causal phrasing (a run recorded before there was one)
+        merged.pop("causal_template", None)
+        merged.pop("causal_label_words", None)
+    return merged
 
 
 def _resolve_dir(name: str, data_dir) -> Path | None:
