@@ -65,9 +65,9 @@ def fedbpt(
     ),
     aggregation: str = typer.Option(
         "fedbpt",
-        help="fedbpt (paper: server CMA-ES ranks the client means by each client's own loss), fedavg "
-        "(example-weighted mean of client means; better on non-IID splits, see README), or robust: median, "
-        "trimmed, krum.",
+        help="fedbpt (paper: server CMA-ES ranks the client means by each client's own fitness), fedavg "
+        "(example-weighted mean of client means; with --perturb-rate 0 the better rule on label-skewed splits, "
+        "see README), or robust: median, trimmed, krum.",
     ),
     trim: float = typer.Option(0.2, help="Share of client values trimmed per side for --aggregation trimmed."),
     num_malicious: int = typer.Option(0, help="Poisoned clients Krum should tolerate (--aggregation krum)."),
