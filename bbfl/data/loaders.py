@@ -266,12 +266,10 @@ def _spec_fields(name, spec, spec_file, overrides) -> dict:
     given = {**loaded, **{k: v for k, v in overrides.items() if v is not None}}
     if {"template", "label_words"} & set(given) and "causal_template" not in given:
         # the user's phrasing wins for every head: the registry's causal phrasing was written for its template
-        fields.pop("causal_template", None)
-        fields.pop("causal_label_words", None)
+        fields = {k: v for k, v in fields.items() if k not in ("causal_template", "causal_label_words")}
     merged = {**fields, **given}
     if given.get("causal_template") == "":  # no causal phrasing (a run recorded before there was one)
-        merged.pop("causal_template", None)
-        merged.pop("causal_label_words", None)
+        merged = {k: v for k, v in merged.items() if k not in ("causal_template", "causal_label_words")}
     return merged
 
 
