@@ -28,8 +28,8 @@ def tasks() -> None:
     for spec in list_tasks():
         causal = ""
         if spec.causal_template:  # shown on one line: the template's newline as \n
-            causal_words = ", ".join(spec.causal_label_words or spec.label_words)
-            causal = f"{spec.causal_template.replace(chr(10), chr(92) + 'n')} ({causal_words})"
+            shown = spec.causal_template.replace("\n", "\\n")
+            causal = f"{shown} ({', '.join(spec.causal_label_words or spec.label_words)})"
         words = ", ".join(spec.label_words)
         table.add_row(spec.name, str(len(spec.labels)), escape(spec.template), escape(words), escape(causal))
     console.print(table)

@@ -21,19 +21,8 @@ from bbfl.exceptions import DataError
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 DEFAULT_TEMPLATE = "{text} . {mask} ."
 _log = logging.getLogger("bbfl.data")
-SPEC_KEYS = {
-    "labels",
-    "label_words",
-    "label_descriptions",
-    "template",
-    "encoder_template",
-    "loss",
-    "causal_template",
-    "causal_label_words",
-    "text_col",
-    "pair_col",
-    "label_col",
-}
+SPEC_KEYS = {*Task.SPEC_KEYS, "text_col", "pair_col", "label_col"}  # what a spec file or override may set
+CAUSAL_KEYS = ("causal_template", "causal_label_words")
 
 
 def read_text(path: str | Path) -> str:
@@ -266,10 +255,10 @@ def _spec_fields(name, spec, spec_file, overrides) -> dict:
     given = {**loaded, **{k: v for k, v in overrides.items() if v is not None}}
     if {"template", "label_words"} & set(given) and "causal_template" not in given:
         # the user's phrasing wins for every head: the registry's causal phrasing was written for its template
-        fields = {k: v for k, v in fields.items() if k not in ("causal_template", "causal_label_words")}
+        fields = {k: v for k, v in fields.items() if k not in CAUSAL_KEYS}
     merged = {**fields, **given}
     if given.get("causal_template") == "":  # no causal phrasing (a run recorded before there was one)
-        merged = {k: v for k, v in merged.items() if k not in ("causal_template", "causal_label_words")}
+        merged = {k: v for k, v in merged.items() if k not in CAUSAL_KEYS}
     return merged
 
 
