@@ -79,7 +79,7 @@ def run_federated(args, seed: int, setting: str) -> dict:
     data = _data_config(args, args.clients, partition)
     fed = _fed_config(args, seed, aggregation, **extra)
     engine = EngineConfig(rounds=args.rounds, seed=seed, transport_dtype=transport)
-    bb = BlackBoxConfig(max_length=args.max_length, prompt_attention=args.prompt_attention)
+    bb = _blackbox_config(args)
     run, records = run_fedbpt_experiment(data, fed, engine, bb, tempfile.mkdtemp(prefix="bbfl-fedbpt-"))
     last = records[-1]
     client_sizes = json.loads((run.path / "config.json").read_text())["client_sizes"]
@@ -130,7 +130,7 @@ def run_central(args, seed: int, queries: int, examples: int) -> dict:
     """BBT on the union of the clients' data (one client, the whole pool) at the federation's cost."""
     data = _data_config(args, 1, "iid")
     task, (pool,), test = prepare_federated_data(data, seed)
-    blackbox = BlackBoxConfig(max_length=args.max_length, prompt_attention=args.prompt_attention).build()
+    blackbox = _blackbox_config(args).build()
     train_e, test_e = blackbox.encode(task, pool), blackbox.encode(task, test)
     budget = queries if args.match == "queries" else max(args.popsize, examples // len(pool))
     cfg = BBTConfig(
@@ -146,6 +146,15 @@ def run_central(args, seed: int, queries: int, examples: int) -> dict:
     result = run_bbt(cfg, blackbox, train_e, train_e, projection, task.loss)
     acc, _ = evaluate_prompt(blackbox, projection(result.z_mean), test_e, task.loss)
     return {"test_acc": acc, "train_queries": result.train_queries, "train_examples": result.train_queries * len(pool)}
+
+
+def _blackbox_config(args) -> BlackBoxConfig:
+    return BlackBoxConfig(
+        model=args.model,
+        max_length=args.max_length,
+        prompt_attention=args.prompt_attention,
+        prompt_position=args.prompt_position,
+    )
 
 
 def _data_config(args, clients: int, partition: str) -> FederatedDataConfig:
@@ -226,6 +235,8 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--match", choices=["queries", "examples"], default="examples")
     ap.add_argument("--prompt-attention", default="auto", help="auto (full: the paper's function) or prefix (faster)")
+    ap.add_argument("--model", default=None, help="model name, directory or .gguf (default: embedded MiniLM)")
+    ap.add_argument("--prompt-position", default="start", help="causal LMs: start (the paper's) or after_input")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default="fedbpt_results.jsonl", help="JSON-lines results file (appended)")
     ap.add_argument("--table", default=None, help="print the table of this results file and exit")
@@ -249,7 +260,9 @@ def main() -> None:
             else:
                 row = run_federated(args, seed, setting)
                 cost = cost or (row["train_queries"], row["train_examples"])
-            row.update(setting=setting, seed=seed, seconds=time.perf_counter() - start, task=args.task)
+            row.update(
+                setting=setting, seed=seed, seconds=time.perf_counter() - start, task=args.task, model=args.model
+            )
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
             with open(args.out, "a") as f:

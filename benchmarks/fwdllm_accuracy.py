@@ -78,7 +78,7 @@ def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
         [y for d in devs for y in d.labels],
         None if devs[0].text_pairs is None else [p for d in devs for p in d.text_pairs],
     )
-    blackbox = forward_blackbox(BlackBoxConfig(max_length=args.max_length), cfg.peft).build()
+    blackbox = forward_blackbox(BlackBoxConfig(model=args.model, max_length=args.max_length), cfg.peft).build()
     method = forward_method(name, cfg, engine, blackbox, task, trains, dev)  # "test" = dev here
     records = run_federation(method, engine, tempfile.mkdtemp(prefix=f"bbfl-dev-{name}-"))
     return records[-1]["test_accuracy"]
@@ -98,7 +98,7 @@ def run_setting(args, seed: int, setting: str) -> dict:
     name, cfg = _method_config(args, seed, setting, lr)
     data = _data_config(args)
     engine = EngineConfig(rounds=args.rounds, seed=seed)
-    bb = BlackBoxConfig(max_length=args.max_length)
+    bb = BlackBoxConfig(model=args.model, max_length=args.max_length)
     start = time.perf_counter()
     _, records = run_forward_experiment(name, data, cfg, engine, bb, tempfile.mkdtemp(prefix=f"bbfl-{name}-"))
     last = records[-1]
@@ -109,6 +109,7 @@ def run_setting(args, seed: int, setting: str) -> dict:
         **chosen,
         "seed": seed,
         "task": args.task,
+        "model": args.model,
         "zero_shot_acc": records[0]["test_accuracy"],
         "test_acc": last["test_accuracy"],
         "best_round_acc": max(r["test_accuracy"] for r in records),
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[13])
     parser.add_argument("--peft", default="lora")
+    parser.add_argument("--model", default=None, help="model name, directory or .gguf (default: embedded MiniLM)")
     parser.add_argument("--lr", type=float, default=None, help="override every setting's learning rate")
     parser.add_argument(
         "--sweep-lrs", type=float, nargs="+", default=None, help="choose each setting's lr among these on dev"

@@ -97,6 +97,18 @@ def test_square_brackets_in_messages_are_printed_not_parsed(tmp_path, monkeypatc
     assert "pip install 'bbfl[hub]'" in buffer.getvalue() and "[serve], [api], [flower]" in buffer.getvalue()
 
 
+def test_a_default_model_run_that_gains_nothing_points_to_a_prompt_sensitive_model(monkeypatch):
+    from bbfl.cli import _app, bbt
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(_app, "console", Console(file=buffer, width=400))
+    bbt.suggest_prompt_sensitive_model([{"method": "zero-shot", "test_acc": 0.8}, {"method": "bbt", "test_acc": 0.9}])
+    assert buffer.getvalue() == ""
+    bbt.suggest_prompt_sensitive_model([{"method": "zero-shot", "test_acc": 0.8}, {"method": "bbt", "test_acc": 0.8}])
+    assert "bbfl bbt --model smollm2 --prompt-position after_input" in buffer.getvalue()
+    assert "bbfl download smollm2" in buffer.getvalue()
+
+
 def test_progress_lines_break_between_fields_never_inside_one(monkeypatch):
     from bbfl.cli import _app
 

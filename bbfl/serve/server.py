@@ -9,7 +9,6 @@ HTTP layer that calls all of them is :mod:`bbfl.serve.app`. Nothing here imports
 import hashlib
 import json
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -67,7 +66,6 @@ class Server(OpenAICompatible):
         self.embedding_batcher = Batcher(self._embed_texts, limits.max_batch_texts, wait, "bbfl-embeddings")
         self.next_token_batcher = Batcher(self._next_token_logprobs, limits.max_batch_texts, wait, "bbfl-next-token")
         self.echo_batcher = Batcher(self._echo_logprobs, limits.max_batch_texts, wait, "bbfl-echo")
-        self.started = time.time()
 
     # ------------------------------------------------------------------ soft-prompt scoring
     def parse_scores(self, body: bytes) -> ScoresRequest:
