@@ -186,7 +186,8 @@ def _files(run_dir: Path) -> dict[str, bytes]:
 def test_fedbpt_ctrl_c_says_how_to_resume_resume_says_what_it_runs_and_a_finished_run_stays(tmp_path, tiny_models):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(REPO)
-    args = [sys.executable, "-m", "bbfl", "fedbpt", "--model", str(tiny_models["bert"]), *FEDBPT_TINY]
+    # 40 rounds, not 6: on a loaded machine a 6-round tiny run could finish before the signal arrived
+    args = [sys.executable, "-m", "bbfl", "fedbpt", "--model", str(tiny_models["bert"]), *FEDBPT_TINY, "--rounds", "40"]
     proc = subprocess.Popen([*args, "--out", str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and not list(tmp_path.glob("*/server_state.safetensors")):
