@@ -17,7 +17,14 @@ Through chat ``top_logprobs`` on a real language model (FedOne's own setting): s
 asks the question and ends at ``{mask}``, filled with ``--mask-text ""``):
 
     python benchmarks/bdpl_accuracy.py --base-url http://127.0.0.1:8000/v1 --model smollm2 --scoring chat \
-        --spec sst2-chat.toml --mask-text "" --seeds 13 42 100 --concurrency 4
+        --spec examples/specs/sst2-chat.toml --mask-text "" --seeds 13 42 100 --concurrency 4
+
+The README's chat table ran one process per seed against one server (the server batches their requests
+together), sharing one cache, at half the embeddings run's budget (``--steps 6 --rounds 6``):
+
+    for s in 13 42 100; do python benchmarks/bdpl_accuracy.py --base-url http://127.0.0.1:8000/v1 \
+        --model smollm2 --scoring chat --spec examples/specs/sst2-chat.toml --mask-text "" --seeds $s --concurrency 16 \
+        --steps 6 --rounds 6 --test 500 --cache-dir chat_cache --out bdpl_chat_$s.json & done
 """
 
 from __future__ import annotations
