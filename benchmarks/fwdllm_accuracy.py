@@ -59,6 +59,10 @@ def _data_config(args) -> FederatedDataConfig:
     )
 
 
+def _blackbox_config(args) -> BlackBoxConfig:
+    return BlackBoxConfig(model=args.model, max_length=args.max_length)
+
+
 def _method_config(args, seed: int, setting: str, lr: float | None):
     name, overrides = SETTINGS[setting]
     cls = FwdLLMConfig if name == "fwdllm" else FedKSeedConfig
@@ -78,7 +82,7 @@ def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
         [y for d in devs for y in d.labels],
         None if devs[0].text_pairs is None else [p for d in devs for p in d.text_pairs],
     )
-    blackbox = forward_blackbox(BlackBoxConfig(model=args.model, max_length=args.max_length), cfg.peft).build()
+    blackbox = forward_blackbox(_blackbox_config(args), cfg.peft).build()
     method = forward_method(name, cfg, engine, blackbox, task, trains, dev)  # "test" = dev here
     records = run_federation(method, engine, tempfile.mkdtemp(prefix=f"bbfl-dev-{name}-"))
     return records[-1]["test_accuracy"]
@@ -98,7 +102,7 @@ def run_setting(args, seed: int, setting: str) -> dict:
     name, cfg = _method_config(args, seed, setting, lr)
     data = _data_config(args)
     engine = EngineConfig(rounds=args.rounds, seed=seed)
-    bb = BlackBoxConfig(model=args.model, max_length=args.max_length)
+    bb = _blackbox_config(args)
     start = time.perf_counter()
     _, records = run_forward_experiment(name, data, cfg, engine, bb, tempfile.mkdtemp(prefix=f"bbfl-{name}-"))
     last = records[-1]
