@@ -12,7 +12,9 @@ Learning rates are chosen on dev, never on test: ``--sweep-lrs 0.5 0.05 0.005`` 
 at each rate with 20% of every client's training examples held out (the union is the dev set: it comes
 from the training pool, the test set is never read), keeps the rate with the best final dev accuracy,
 then runs that rate on the full clients and reports test accuracy. The row records every rate's dev
-accuracy (``dev_acc_by_lr``) and ``lr_chosen_on: "dev"``.
+accuracy (``dev_acc_by_lr``) and ``lr_chosen_on: "dev"``. With few shots a 20% holdout is a handful of
+examples; ``--dev-k N`` instead draws N more examples per class from the training pool, disjoint from
+the clients' (BBT's "true few-shot" dev), and the clients keep all their examples during the sweep.
 
     python benchmarks/fwdllm_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --rounds 3 \
         --settings fwdllm fedkseed --sweep-lrs 0.5 0.05 0.005 --out sweep.jsonl
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 from bbfl.data import Split
-from bbfl.data.sampling import holdout_per_client
+from bbfl.data.sampling import few_shot, holdout_per_client
 from bbfl.experiment import BlackBoxConfig, FederatedDataConfig, prepare_federated_data
 from bbfl.federation.engine import EngineConfig, run_federation
 from bbfl.methods.fedkseed import FedKSeedConfig
@@ -76,12 +78,16 @@ def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
     name, cfg = _method_config(args, seed, setting, lr)
     engine = EngineConfig(rounds=args.rounds, seed=seed)
     task, client_splits, _ = prepare_federated_data(_data_config(args), cfg.seed)
-    trains, devs = holdout_per_client(client_splits, DEV_FRACTION, seed)
-    dev = Split(
-        [t for d in devs for t in d.texts],
-        [y for d in devs for y in d.labels],
-        None if devs[0].text_pairs is None else [p for d in devs for p in d.text_pairs],
-    )
+    if args.dev_k:
+        # the same draw as the clients' pool (same seed, same per-class permutation), then dev_k more per class
+        trains, (_, dev) = client_splits, few_shot(task.train, args.k_shot, seed=cfg.seed, dev_k=args.dev_k)
+    else:
+        trains, devs = holdout_per_client(client_splits, DEV_FRACTION, seed)
+        dev = Split(
+            [t for d in devs for t in d.texts],
+            [y for d in devs for y in d.labels],
+            None if devs[0].text_pairs is None else [p for d in devs for p in d.text_pairs],
+        )
     blackbox = forward_blackbox(_blackbox_config(args), cfg.peft).build()
     method = forward_method(name, cfg, engine, blackbox, task, trains, dev)  # "test" = dev here
     records = run_federation(method, engine, tempfile.mkdtemp(prefix=f"bbfl-dev-{name}-"))
@@ -126,6 +132,7 @@ def run_setting(args, seed: int, setting: str) -> dict:
         "rounds": args.rounds,
         "clients": args.clients,
         "k_shot": args.k_shot,
+        "dev_k": args.dev_k,
     }
 
 
@@ -153,6 +160,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="override every setting's learning rate")
     parser.add_argument(
         "--sweep-lrs", type=float, nargs="+", default=None, help="choose each setting's lr among these on dev"
+    )
+    parser.add_argument(
+        "--dev-k", type=int, default=None, help="sweep dev: this many more per class, disjoint (default: 20%% holdout)"
     )
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
