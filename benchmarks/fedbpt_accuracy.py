@@ -78,7 +78,7 @@ def run_federated(args, seed: int, setting: str) -> dict:
     partition, aggregation, transport, extra = SETTINGS[setting]
     data = _data_config(args, args.clients, partition)
     fed = _fed_config(args, seed, aggregation, **extra)
-    engine = EngineConfig(rounds=args.rounds, seed=seed, transport_dtype=transport)
+    engine = EngineConfig(rounds=args.rounds, seed=seed, transport_dtype=transport, eval_every=args.eval_every)
     bb = _blackbox_config(args)
     run, records = run_fedbpt_experiment(data, fed, engine, bb, tempfile.mkdtemp(prefix="bbfl-fedbpt-"))
     last = records[-1]
@@ -94,9 +94,10 @@ def run_federated(args, seed: int, setting: str) -> dict:
         "train_examples": examples,
         "bytes_up": last["bytes_up_per_client"],
         "bytes_down": last["bytes_down_per_client"],
-        "curve": [r["test_accuracy"] for r in records],
-        "sigma_curve": [r["global_sigma"] for r in records],
-        "train_loss_curve": [r["train_loss"] for r in records],
+        # rounds that --eval-every left unscored are None
+        "curve": [r.get("test_accuracy") for r in records],
+        "sigma_curve": [r.get("global_sigma") for r in records],
+        "train_loss_curve": [r.get("train_loss") for r in records],
         **(
             {"replay_seconds_per_round": float(np.mean([r["replay_seconds"] for r in records[1:]]))}
             if fed.uplink == "replay"
@@ -233,6 +234,7 @@ def main() -> None:
     ap.add_argument("--prompt-length", type=int, default=10)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--eval-every", type=int, default=1, help="score test every N rounds (round 0 and last always)")
     ap.add_argument("--match", choices=["queries", "examples"], default="examples")
     ap.add_argument("--prompt-attention", default="auto", help="auto (full: the paper's function) or prefix (faster)")
     ap.add_argument("--model", default=None, help="model name, directory or .gguf (default: embedded MiniLM)")

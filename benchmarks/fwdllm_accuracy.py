@@ -76,7 +76,7 @@ def _method_config(args, seed: int, setting: str, lr: float | None):
 def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
     """Final accuracy on a dev set carved from the clients' training examples (the test split is never read)."""
     name, cfg = _method_config(args, seed, setting, lr)
-    engine = EngineConfig(rounds=args.rounds, seed=seed)
+    engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
     task, client_splits, _ = prepare_federated_data(_data_config(args), cfg.seed)
     if args.dev_k:
         # the same draw as the clients' pool (same seed, same per-class permutation), then dev_k more per class
@@ -107,7 +107,7 @@ def run_setting(args, seed: int, setting: str) -> dict:
         lr, dev_scores = choose_lr(args, seed, setting)
     name, cfg = _method_config(args, seed, setting, lr)
     data = _data_config(args)
-    engine = EngineConfig(rounds=args.rounds, seed=seed)
+    engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
     bb = _blackbox_config(args)
     start = time.perf_counter()
     _, records = run_forward_experiment(name, data, cfg, engine, bb, tempfile.mkdtemp(prefix=f"bbfl-{name}-"))
@@ -122,8 +122,8 @@ def run_setting(args, seed: int, setting: str) -> dict:
         "model": args.model,
         "zero_shot_acc": records[0]["test_accuracy"],
         "test_acc": last["test_accuracy"],
-        "best_round_acc": max(r["test_accuracy"] for r in records),
-        "curve": [round(r["test_accuracy"], 4) for r in records],
+        "best_round_acc": max(r["test_accuracy"] for r in records if "test_accuracy" in r),
+        "curve": [round(r["test_accuracy"], 4) if "test_accuracy" in r else None for r in records],
         "queries": last["train_queries"],
         "bytes_up_per_client_round": last["bytes_up_per_client"],
         "bytes_down_per_client_round": last["bytes_down_per_client"],
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--k-shot", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--test-limit", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=1, help="score every N rounds (round 0 and last always)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--out", default="fwdllm_results.jsonl")
     parser.add_argument("--table", default=None, help="only print the table of this results file")

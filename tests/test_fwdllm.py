@@ -269,7 +269,7 @@ def test_cli_runs_resumes_and_reports_peak_memory(tiny_models, tmp_path, command
     from bbfl.cli import app
 
     args = [command, "--model", str(tiny_models["bert"]), "--rounds", "2", "--clients", "3", "--k-shot", "6"]
-    args += ["--test-limit", "10", "--peft", "bitfit", "--out", str(tmp_path)]
+    args += ["--test-limit", "10", "--peft", "bitfit", "--out", str(tmp_path), "--eval-every", "2"]
     args += ["--local-steps", "2"] if command == "fedkseed" else ["--uplink", "seed"]
     peak_before = peak_memory_mb()["cpu_peak_rss_mb"]
     result = CliRunner().invoke(app, args)
@@ -279,6 +279,10 @@ def test_cli_runs_resumes_and_reports_peak_memory(tiny_models, tmp_path, command
     # the process's own peak RSS (MB) while the run was in it: a wrong unit or source would leave the bracket
     assert summary["rounds"] == 2 and peak_before <= summary["cpu_peak_rss_mb"] <= peak_memory_mb()["cpu_peak_rss_mb"]
     assert {"accuracy_vs_round.png", "peft.safetensors", "metrics.jsonl"} <= {p.name for p in run_dir.iterdir()}
+    # --eval-every 2: round 1 trains without scoring the test split (its line shows a dash), round 2 scores it
+    logged = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    rounds = [r for r in logged if r.get("phase") == "round"]
+    assert [("test_accuracy" in r) for r in rounds] == [True, False, True] and "test acc –" in result.output
     metrics, weights = (run_dir / "metrics.jsonl").read_bytes(), load_arrays(run_dir / "peft.safetensors")[0]
     resumed = CliRunner().invoke(app, [command, "--resume", str(run_dir)])  # already done: nothing to redo
     assert resumed.exit_code == 0, resumed.output

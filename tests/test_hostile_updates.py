@@ -22,7 +22,7 @@ import pytest
 
 from bbfl.blackbox import LocalBlackBox
 from bbfl.data import load_task
-from bbfl.exceptions import CheckpointError
+from bbfl.exceptions import CheckpointError, ConfigError
 from bbfl.federation.engine import EngineConfig, run_clients_in_process, run_federation
 from bbfl.federation.headers import Field, validate_header
 from bbfl.federation.wire import InvalidUpdate
@@ -304,3 +304,20 @@ def test_resume_of_a_truncated_run_directory_exits_2_with_one_line(tiny_models, 
         assert "Traceback" not in resumed.stdout + resumed.stderr
         error = [line for line in resumed.stdout.splitlines() if line.startswith("error:")]
         assert len(error) == 1 and name in error[0] and "truncated" in error[0], resumed.stdout
+
+
+@pytest.mark.parametrize("name", ["fedbpt", "fwdllm"])
+def test_eval_every_scores_fewer_rounds_and_trains_the_same_state(tiny_models, tmp_path, name):
+    """--eval-every thins the test curve (round 0 and the last always scored) and changes nothing trained."""
+    states, records = [], []
+    for every in (1, 2):
+        method = _build(name, tiny_models)
+        records.append(run_federation(method, EngineConfig(rounds=3, eval_every=every, seed=3), tmp_path / str(every)))
+        states.append(method.state()[0])
+    assert [("test_accuracy" in r) for r in records[0]] == [True] * 4
+    assert [("test_accuracy" in r) for r in records[1]] == [True, False, True, True]
+    assert records[0][-1]["test_accuracy"] == records[1][-1]["test_accuracy"]
+    assert states[0].keys() == states[1].keys()
+    assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])
+    with pytest.raises(ConfigError, match="eval_every"):
+        EngineConfig(rounds=3, eval_every=0)

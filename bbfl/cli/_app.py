@@ -230,6 +230,20 @@ def interrupt_hint(command: str) -> Iterator[RunHint]:
         raise typer.Exit(code=130) from None
 
 
+EVAL_EVERY = typer.Option(
+    1,
+    min=1,
+    help="Score the test split every N rounds (round 0 and the last always): a real LM's test set can cost "
+    "more than a round of training, and skipping it changes nothing that is trained.",
+)
+
+
+def metric(record: dict, key: str, spec: str = ".4f") -> str:
+    """A record's metric formatted, or a dash where that round did not measure it (``--eval-every``)."""
+    value = record.get(key)
+    return format(value, spec) if isinstance(value, (int, float)) else "–"
+
+
 DP_CLIP = typer.Option(
     None, help="Differential privacy: each client clips its update to this L2 norm (FedBPT: --aggregation fedavg)."
 )

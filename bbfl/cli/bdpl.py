@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 
 from bbfl.cli._app import (
+    EVAL_EVERY,
     OUT,
     STRICT,
     TEST_LIMIT,
@@ -20,6 +21,7 @@ from bbfl.cli._app import (
     console,
     fail,
     interrupt_hint,
+    metric,
     print_run_dir,
     progress_bar,
     refuse_finished,
@@ -164,6 +166,7 @@ def fedone(
     clients: int = typer.Option(4, help="Number of clients."),
     clients_per_round: int = typer.Option(1, help="Active clients per round (FedOne: 1 is query-optimal)."),
     rounds: int | None = typer.Option(None, help="Communication rounds (demo: 20)."),
+    eval_every: int = EVAL_EVERY,
     local_steps: int = typer.Option(1, help="Policy-gradient steps an active client runs per round."),
     partition: str = typer.Option("iid", help="iid, dirichlet or shards."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew)."),
@@ -216,7 +219,9 @@ def fedone(
             )
             if not 1 <= clients_per_round <= clients:
                 raise ConfigError(f"--clients-per-round should be in [1, --clients={clients}], got {clients_per_round}")
-            engine_cfg = EngineConfig(rounds=rounds, clients_per_round=clients_per_round, seed=seed)
+            engine_cfg = EngineConfig(
+                rounds=rounds, clients_per_round=clients_per_round, eval_every=eval_every, seed=seed
+            )
             data_cfg = FederatedDataConfig(
                 task=task,
                 data_dir=data_dir,
@@ -239,9 +244,9 @@ def fedone(
             def on_round(record: dict) -> None:
                 bar.update(record["round"])
                 console.print(
-                    f"round {record['round']:>4}  test acc {record.get('test_accuracy', float('nan')):.4f}  "
+                    f"round {record['round']:>4}  test acc {metric(record, 'test_accuracy')}  "
                     f"train queries {record.get('train_queries', 0):>6,}  api queries {record['api']['queries']:>6,}  "
-                    f"clients {record['aggregated']}  max p {record.get('max_prob', float('nan')):.3f}"
+                    f"clients {record['aggregated']}  max p {metric(record, 'max_prob', '.3f')}"
                 )
 
             result = run_fedone_experiment(

@@ -13,6 +13,7 @@ from bbfl.cli._app import (
     DP_CLIP,
     DP_NOISE,
     DTYPE,
+    EVAL_EVERY,
     HEAD,
     MAX_LENGTH,
     MODEL,
@@ -26,6 +27,7 @@ from bbfl.cli._app import (
     console,
     fail,
     interrupt_hint,
+    metric,
     print_run_dir,
     progress_bar,
     progress_line,
@@ -49,6 +51,7 @@ def fedbpt(
     clients_per_round: int | None = typer.Option(None, help="Clients sampled per round (default: all)."),
     fraction: float | None = typer.Option(None, help="Share of clients sampled per round (alternative to the above)."),
     rounds: int | None = typer.Option(None, help="Communication rounds (paper: 200)."),
+    eval_every: int = EVAL_EVERY,
     partition: str = typer.Option("iid", help="iid, dirichlet or shards."),
     alpha: float = typer.Option(0.5, help="Dirichlet concentration (smaller = more label skew)."),
     shards_per_client: int = typer.Option(2, help="Label shards per client for --partition shards."),
@@ -154,6 +157,7 @@ def fedbpt(
             dropout=dropout,
             deadline=deadline,
             transport_dtype=transport,
+            eval_every=eval_every,
             seed=seed,
         )
         bb_cfg = BlackBoxConfig(
@@ -173,7 +177,7 @@ def fedbpt(
                 progress.update(bar, completed=record["round"])
                 progress_line(
                     f"round {record['round']:>3}",
-                    f"test acc {record.get('test_accuracy', float('nan')):.4f}",
+                    f"test acc {metric(record, 'test_accuracy')}",
                     f"queries {record.get('train_queries', 0):>7,}",
                     f"up {record['bytes_up_per_client']:,.0f} B",
                     f"down {record['bytes_down_per_client']:,} B",

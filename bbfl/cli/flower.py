@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from bbfl.cli._app import app, console, fail
+from bbfl.cli._app import app, console, fail, metric
 from bbfl.exceptions import BBFLError, ConfigError
 
 
@@ -52,7 +52,7 @@ def flower_local(
     for r in records:
         table.add_row(
             str(r["round"]),
-            f"{r.get('test_accuracy', float('nan')):.4f}",
+            metric(r, "test_accuracy"),
             str(len(r["aggregated"])),
             f"{r['bytes_up_per_client']:,.0f}",
         )

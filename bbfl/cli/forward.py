@@ -10,6 +10,7 @@ from bbfl.cli._app import (
     DP_CLIP,
     DP_NOISE,
     DTYPE,
+    EVAL_EVERY,
     HEAD,
     MAX_LENGTH,
     MODEL,
@@ -20,6 +21,7 @@ from bbfl.cli._app import (
     console,
     fail,
     interrupt_hint,
+    metric,
     print_run_dir,
     progress_bar,
     progress_line,
@@ -48,13 +50,26 @@ RESUME = typer.Option(None, help="Continue an interrupted run directory from its
 
 
 def _run(
-    name, data_cfg, method_cfg, rounds, per_round, model, head, device, dtype, max_length, low_memory, out, resume
+    name,
+    data_cfg,
+    method_cfg,
+    rounds,
+    per_round,
+    eval_every,
+    model,
+    head,
+    device,
+    dtype,
+    max_length,
+    low_memory,
+    out,
+    resume,
 ):
     from bbfl.experiment import BlackBoxConfig
     from bbfl.federation.engine import EngineConfig
     from bbfl.methods.fwdllm.experiment import run_forward_experiment
 
-    engine_cfg = EngineConfig(rounds=rounds, clients_per_round=per_round, seed=method_cfg.seed)
+    engine_cfg = EngineConfig(rounds=rounds, clients_per_round=per_round, eval_every=eval_every, seed=method_cfg.seed)
     bb_cfg = BlackBoxConfig(
         model=model,
         head=head,
@@ -70,7 +85,7 @@ def _run(
             progress.update(bar, completed=record["round"])
             progress_line(
                 f"round {record['round']:>3}",
-                f"test acc {record.get('test_accuracy', float('nan')):.4f}",
+                f"test acc {metric(record, 'test_accuracy')}",
                 f"queries {record.get('train_queries', 0):>7,}",
                 f"up {record['bytes_up_per_client']:,.0f} B",
                 f"down {record['bytes_down_per_client']:,.0f} B",
@@ -119,6 +134,7 @@ def fwdllm(
     clients: int = CLIENTS,
     clients_per_round: int | None = PER_ROUND,
     rounds: int = ROUNDS,
+    eval_every: int = EVAL_EVERY,
     partition: str = PARTITION,
     alpha: float = ALPHA,
     peft: str = PEFT,
@@ -184,7 +200,7 @@ def fwdllm(
             dp_noise=dp_noise,
             seed=seed,
         )
-        args = (rounds, clients_per_round, model, head, device, dtype, max_length, low_memory, out, resume)
+        args = (rounds, clients_per_round, eval_every, model, head, device, dtype, max_length, low_memory, out, resume)
         run, records = _run("fwdllm", data_cfg, method_cfg, *args)
     except BBFLError as exc:
         fail(exc)
@@ -202,6 +218,7 @@ def fedkseed(
     clients: int = CLIENTS,
     clients_per_round: int | None = PER_ROUND,
     rounds: int = ROUNDS,
+    eval_every: int = EVAL_EVERY,
     partition: str = PARTITION,
     alpha: float = ALPHA,
     peft: str = PEFT,
@@ -253,7 +270,7 @@ def fedkseed(
             pro=pro,
             seed=seed,
         )
-        args = (rounds, clients_per_round, model, head, device, dtype, max_length, low_memory, out, resume)
+        args = (rounds, clients_per_round, eval_every, model, head, device, dtype, max_length, low_memory, out, resume)
         run, records = _run("fedkseed", data_cfg, method_cfg, *args)
     except BBFLError as exc:
         fail(exc)

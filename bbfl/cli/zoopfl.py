@@ -8,6 +8,7 @@ from rich.markup import escape
 from bbfl.cli._app import (
     DEVICE,
     DTYPE,
+    EVAL_EVERY,
     HEAD,
     MAX_LENGTH,
     MODEL,
@@ -18,6 +19,7 @@ from bbfl.cli._app import (
     console,
     fail,
     interrupt_hint,
+    metric,
     print_run_dir,
     progress_bar,
     progress_line,
@@ -38,6 +40,7 @@ def zoopfl(
     clients: int = typer.Option(10, help="Number of clients."),
     clients_per_round: int | None = typer.Option(None, help="Clients sampled per round (default: all)."),
     rounds: int = typer.Option(10, help="Communication rounds."),
+    eval_every: int = EVAL_EVERY,
     partition: str = typer.Option("dirichlet", help="iid, dirichlet or shards."),
     alpha: float = typer.Option(0.1, help="Dirichlet concentration (0.1 = strongly non-IID)."),
     latent_dim: int = typer.Option(8, help="r: the shared encoder's latent size."),
@@ -100,7 +103,7 @@ def zoopfl(
             federate=federate,
             seed=seed,
         )
-        engine_cfg = EngineConfig(rounds=rounds, clients_per_round=clients_per_round, seed=seed)
+        engine_cfg = EngineConfig(rounds=rounds, clients_per_round=clients_per_round, eval_every=eval_every, seed=seed)
         bb_cfg = BlackBoxConfig(model=model, head=head, device=device, dtype=dtype, max_length=max_length)
         with interrupt_hint("zoopfl") as hint, progress_bar() as progress:
             bar = progress.add_task("ZooPFL", total=rounds)
@@ -109,8 +112,8 @@ def zoopfl(
                 progress.update(bar, completed=record["round"])
                 progress_line(
                     f"round {record['round']:>3}",
-                    f"personal acc {record.get('personal_accuracy', float('nan')):.4f}",
-                    f"global acc {record.get('test_accuracy', float('nan')):.4f}",
+                    f"personal acc {metric(record, 'personal_accuracy')}",
+                    f"global acc {metric(record, 'test_accuracy')}",
                     f"queries {record.get('train_queries', 0):>7,}",
                     f"up {record['bytes_up_per_client']:,.0f} B",
                 )
