@@ -74,7 +74,10 @@ def _method_config(args, seed: int, setting: str, lr: float | None):
 
 
 def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
-    """Final accuracy on a dev set carved from the clients' training examples (the test split is never read)."""
+    """Final accuracy on a dev set from the training pool (the test split is never read).
+
+    The dev set is 20% of each client's examples, or with ``--dev-k`` that many more per class, disjoint.
+    """
     name, cfg = _method_config(args, seed, setting, lr)
     engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
     task, client_splits, _ = prepare_federated_data(_data_config(args), cfg.seed)
