@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bbfl.blackbox.causal import scores_after_input, split_off_tail, template_tail
+from bbfl.blackbox.causal import ids_keeping_tail, scores_after_input, split_off_tail, template_tail
 from bbfl.exceptions import ConfigError
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -148,3 +148,31 @@ def test_prompt_position_is_recorded_in_the_blackbox_record(tiny_models):
     record = cfg.record(cfg.build())
     assert record["prompt_position"] == "after_input"
     assert BlackBoxConfig.from_saved(record).build().prompt_position == "after_input"
+
+
+def test_truncation_cuts_the_input_and_keeps_the_template_tail(tiny_models):
+    """A causal context over max_length loses the end of its input, not the tail the label word follows
+    (plain right truncation read AG News articles' label word after "...the shares of", not after
+    "This news article is about"); contexts that fit are tokenized as before."""
+    from bbfl.blackbox import LocalBlackBox
+    from bbfl.data import Split, load_task
+
+    bb = LocalBlackBox(str(tiny_models["llama"]), max_length=16)
+    task = load_task("demo").for_head("causal")
+    tail = template_tail(task.template)
+    tail_ids = bb.tokenizer(tail, add_special_tokens=False)["input_ids"]
+    short, long = "fine", " ".join(["a wonderfully long and winding review"] * 6)
+    split = Split([long, short], [0, 1])
+    data = bb.encode(task, split)
+    ids = [data.input_ids[int(k)].tolist() for k in torch.argsort(data.order)]  # back to the split's order
+    contexts = task.format_before_mask(split)
+    assert len(bb.tokenizer(contexts[0])["input_ids"]) > 16  # would be cut
+    full = bb.tokenizer(contexts[0])["input_ids"]  # [CLS] ... [SEP] with this test tokenizer (BERT's)
+    prefix, suffix = full[:1], full[-1:]
+    head = bb.tokenizer(split_off_tail(contexts[:1], tail)[0], add_special_tokens=False)["input_ids"]
+    room = 16 - len(tail_ids) - 2
+    assert ids[0] == prefix + head[:room] + tail_ids + suffix  # the input's end is cut, the tail kept
+    assert ids[1] == bb.tokenizer(contexts[1])["input_ids"]  # fits: its own tokenization, unchanged
+    wordy = "{text}" + " so all in all the review says" * 2 + " {mask}"  # a tail longer than max_length
+    with pytest.raises(ConfigError, match="no room"):
+        ids_keeping_tail(bb.tokenizer, [long + template_tail(wordy)], wordy, max_length=8)

@@ -58,6 +58,37 @@ def split_off_tail(texts: list[str], tail: str) -> list[str]:
     return heads
 
 
+def ids_keeping_tail(tokenizer, texts: list[str], template: str, max_length: int) -> list[list[int]]:
+    """Token ids of causal contexts; one over ``max_length`` is cut inside its input, never in its tail.
+
+    Plain right truncation would cut the template tail ("...\nThis news article is about") away, and the
+    model would read the label word after a cut-off article. Contexts that fit keep their own tokenization.
+    """
+    ids = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    long = [i for i, one in enumerate(ids) if len(one) > max_length]
+    if not long:
+        return ids
+    tail = template_tail(template)
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    prefix, suffix = _special_tokens_around(tokenizer)  # e.g. LLaMA's BOS; kept around the whole context
+    room = max_length - len(tail_ids) - len(prefix) - len(suffix)
+    if room < 1:
+        raise ConfigError(f"max_length {max_length} leaves no room for an input before the template tail {tail!r}")
+    heads = split_off_tail([texts[i] for i in long], tail)
+    cut = tokenizer(heads, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+    for i, head in zip(long, cut):
+        ids[i] = prefix + head + tail_ids + suffix
+    return ids
+
+
+def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text's own tokens."""
+    wrapped = tokenizer("a")["input_ids"]
+    own = tokenizer("a", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(wrapped)) if wrapped[i : i + len(own)] == own)
+    return wrapped[:start], wrapped[start + len(own) :]
+
+
 def scores_after_input(
     model: torch.nn.Module,
     prompts: torch.Tensor,

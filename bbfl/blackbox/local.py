@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from bbfl.blackbox.base import QueryCounter
-from bbfl.blackbox.causal import PROMPT_POSITIONS, scores_after_input, split_off_tail, template_tail
+from bbfl.blackbox.causal import (
+    PROMPT_POSITIONS,
+    ids_keeping_tail,
+    scores_after_input,
+    split_off_tail,
+    template_tail,
+)
 from bbfl.blackbox.loading import DTYPES, Head, default_model_path, load_model, mlm_head, pick_head, resolve_device
 from bbfl.blackbox.placement import PromptPlacement, added_to_embedding_output, prompt_token_ids, resolve_placement
 from bbfl.blackbox.prefix import prefix_encode, supports_prefix
@@ -178,7 +184,10 @@ class LocalBlackBox:
                 tail = template_tail(task.template)
                 texts = split_off_tail(texts, tail)
                 self._tail_ids = torch.tensor(self.tokenizer(tail, add_special_tokens=False)["input_ids"])
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        if self.head == "causal" and self.prompt_position != "after_input":
+            enc = ids_keeping_tail(self.tokenizer, texts, task.template, self.max_length)
+        else:
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         if self.head == "mlm":
             enc = [_keep_mask_in_view(ids, self.tokenizer.mask_token_id, t) for ids, t in zip(enc, texts)]
         lengths = np.array([len(ids) for ids in enc])
