@@ -56,3 +56,17 @@ def test_a_bad_role_is_a_422_naming_it(llama, monkeypatch, role, status):
     with TestClient(create_app(llama, token=None), raise_server_exceptions=False) as client:
         resp = client.post("/v1/chat/completions", json={"messages": [{"role": role, "content": "hi"}]})
     assert resp.status_code == status and "messages[0].role" in resp.text, resp.text
+
+
+def test_a_prompt_over_the_context_is_a_422_not_a_cut_off_answer(llama, monkeypatch):
+    """The next token follows the prompt's end: truncating it would answer with the distribution after some
+    middle word (the assistant's turn cut away) and still say 200."""
+    monkeypatch.setattr(llama.tokenizer, "chat_template", TEMPLATE)
+    long = " ".join(["a wonderfully long and winding review"] * 40)  # ~240 tokens > max_length 128
+    with TestClient(create_app(llama, token=None), raise_server_exceptions=False) as client:
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long}]})
+        completion = client.post("/v1/completions", json={"prompt": ["fine", long], "logprobs": 2})
+        fits = client.post("/v1/completions", json={"prompt": ["fine"], "logprobs": 2})
+    assert chat.status_code == 422 and "tokens > limit 128" in chat.text, chat.text
+    assert completion.status_code == 422 and "prompt 1:" in completion.text, completion.text
+    assert fits.status_code == 200

@@ -195,6 +195,11 @@ class OpenAICompatible:
         if bb.head == "mlm":
             mask = bb.tokenizer.mask_token
             texts = [t if mask in t else f"{t} {mask}" for t in texts]
+        else:  # the next token follows the prompt's end: a cut-off prompt would answer a different question
+            for i, ids in enumerate(bb.tokenizer(texts, truncation=False, verbose=False)["input_ids"]):
+                if len(ids) > bb.max_length:
+                    limit = f"limit {bb.max_length} (bbfl serve --max-length)"
+                    raise APIError(422, f"prompt {i}: {len(ids)} tokens > {limit}", "prompt")
         rows = self.next_token_batcher.submit(texts)
         return torch.stack([row for row, _ in rows]), sum(count for _, count in rows)
 
