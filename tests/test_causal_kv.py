@@ -166,8 +166,8 @@ def test_truncation_cuts_the_input_and_keeps_the_template_tail(tiny_models):
     data = bb.encode(task, split)
     ids = [data.input_ids[int(k)].tolist() for k in torch.argsort(data.order)]  # back to the split's order
     contexts = task.format_before_mask(split)
-    assert len(bb.tokenizer(contexts[0])["input_ids"]) > 16  # would be cut
     full = bb.tokenizer(contexts[0])["input_ids"]  # [CLS] ... [SEP] with this test tokenizer (BERT's)
+    assert len(full) > 16  # would be cut
     prefix, suffix = full[:1], full[-1:]
     head = bb.tokenizer(split_off_tail(contexts[:1], tail)[0], add_special_tokens=False)["input_ids"]
     room = 16 - len(tail_ids) - 2

@@ -197,9 +197,7 @@ class OpenAICompatible:
             texts = [t if mask in t else f"{t} {mask}" for t in texts]
         else:  # the next token follows the prompt's end: a cut-off prompt would answer a different question
             for i, ids in enumerate(bb.tokenizer(texts, truncation=False, verbose=False)["input_ids"]):
-                if len(ids) > bb.max_length:
-                    limit = f"limit {bb.max_length} (bbfl serve --max-length)"
-                    raise APIError(422, f"prompt {i}: {len(ids)} tokens > {limit}", "prompt")
+                _refuse_over_limit(i, len(ids), bb.max_length)
         rows = self.next_token_batcher.submit(texts)
         return torch.stack([row for row, _ in rows]), sum(count for _, count in rows)
 
@@ -249,6 +247,13 @@ def _entry(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
+def _refuse_over_limit(index: int, n_tokens: int, max_length: int) -> None:
+    """A prompt over the context is an error, never truncated: the cut-off tokens are the ones that matter."""
+    if n_tokens > max_length:
+        limit = f"limit {max_length}; shorten it or raise bbfl serve --max-length"
+        raise APIError(422, f"prompt {index}: {n_tokens} tokens > {limit}", "prompt")
+
+
 def _echo_tokens(tokenizer: Any, text: str, index: int, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` as echo scores them, and where each starts in ``text`` (OpenAI's ``text_offset``).
 
@@ -264,6 +269,5 @@ def _echo_tokens(tokenizer: Any, text: str, index: int, max_length: int) -> tupl
         ids.pop(), spans.pop()
     if not ids:
         raise APIError(422, f"prompt {index} has no tokens to echo", "prompt")
-    if len(ids) > max_length:  # never truncate: the tokens cut off would be the ones a caller scores
-        raise APIError(422, f"prompt {index}: {len(ids)} tokens > limit {max_length}; shorten it", "prompt")
+    _refuse_over_limit(index, len(ids), max_length)  # never truncate: the cut tokens are the ones scored
     return ids, [0] + [start for start, _ in spans[1:]]  # OpenAI: the first token starts the text, its spaces too
