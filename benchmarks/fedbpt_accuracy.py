@@ -80,7 +80,10 @@ def run_federated(args, seed: int, setting: str) -> dict:
     fed = _fed_config(args, seed, aggregation, **extra)
     engine = EngineConfig(rounds=args.rounds, seed=seed, transport_dtype=transport, eval_every=args.eval_every)
     bb = _blackbox_config(args)
-    run, records = run_fedbpt_experiment(data, fed, engine, bb, tempfile.mkdtemp(prefix="bbfl-fedbpt-"))
+    # zero-shot (no prompt) is the same for every setting of a task: the BBT tables score it once
+    run, records = run_fedbpt_experiment(
+        data, fed, engine, bb, tempfile.mkdtemp(prefix="bbfl-fedbpt-"), score_zero_shot=False
+    )
     last = records[-1]
     client_sizes = json.loads((run.path / "config.json").read_text())["client_sizes"]
     copies = 2 if fed.perturb_rate > 0 else 1  # the fitness ratio also scores the perturbed copy
@@ -236,6 +239,13 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--eval-every", type=int, default=1, help="score test every N rounds (round 0 and last always)")
     ap.add_argument("--match", choices=["queries", "examples"], default="examples")
+    ap.add_argument(
+        "--central-examples",
+        type=int,
+        default=None,
+        help="run `central` alone at this many examples scored (a federated run's train_examples), e.g. on "
+        "another core; without it `central` follows the seed's first federated run",
+    )
     ap.add_argument("--prompt-attention", default="auto", help="auto (full: the paper's function) or prefix (faster)")
     ap.add_argument("--model", default=None, help="model name, directory or .gguf (default: embedded MiniLM)")
     ap.add_argument("--prompt-position", default="start", help="causal LMs: start (the paper's) or after_input")
@@ -250,11 +260,14 @@ def main() -> None:
         return
 
     federated = [s for s in args.settings if s != "central"]
-    if not federated:
-        ap.error("--settings needs at least one federated setting: centralised BBT is matched to its cost")
+    if not federated and args.central_examples is None:
+        ap.error("--settings needs a federated setting or --central-examples: centralised BBT is matched to its cost")
+    if args.central_examples is not None and args.match != "examples":
+        ap.error("--central-examples matches on examples; drop --match queries")
     results = []
     for seed in args.seeds:
-        cost = None  # the seed's first federated run fixes the centralised budget
+        # the seed's first federated run fixes the centralised budget, unless it is given
+        cost = None if args.central_examples is None else (None, args.central_examples)
         for setting in federated + (["central"] if "central" in args.settings else []):
             start = time.perf_counter()
             if setting == "central":

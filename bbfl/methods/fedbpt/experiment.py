@@ -43,8 +43,13 @@ def run_fedbpt_experiment(
     resume: str | Path | None = None,
     stop_after: int | None = None,
     on_run: Callable[[RunDir], None] | None = None,
+    score_zero_shot: bool = True,
 ) -> tuple[RunDir, list[dict]]:
-    """FedBPT on the in-process engine; checkpoints every round; ``resume`` continues a run directory."""
+    """FedBPT on the in-process engine; checkpoints every round; ``resume`` continues a run directory.
+
+    ``score_zero_shot=False`` skips the final no-prompt test pass (one more pass over the test set) for
+    callers that run many settings on the same test set and score zero-shot once themselves.
+    """
     if resume is not None:
         run = open_for_resume(resume)
         data_cfg, fed_cfg, engine_cfg, bb_cfg = _configs_of_run(run.config)
@@ -80,7 +85,7 @@ def run_fedbpt_experiment(
             },
         )
         # round 0 is the starting prompt p0 (z = 0), not zero-shot: the model without any prompt is scored too
-        zero_shot, _ = evaluate_prompt(blackbox, None, method.test)
+        zero_shot = evaluate_prompt(blackbox, None, method.test)[0] if score_zero_shot else None
         run.write_summary(
             {
                 "task": task.name,
@@ -93,7 +98,7 @@ def run_fedbpt_experiment(
                 "bytes_down_per_client_round": final["bytes_down_per_client"],
             }
         )
-        plot_federated(run, "FedBPT", {"zero-shot (no prompt)": zero_shot})
+        plot_federated(run, "FedBPT", {"zero-shot (no prompt)": zero_shot} if score_zero_shot else {})
     return run, records
 
 
