@@ -49,28 +49,11 @@ LOW_MEMORY = typer.Option(
 RESUME = typer.Option(None, help="Continue an interrupted run directory from its last round.")
 
 
-def _run(
-    name,
-    data_cfg,
-    method_cfg,
-    rounds,
-    per_round,
-    eval_every,
-    model,
-    head,
-    device,
-    dtype,
-    max_length,
-    low_memory,
-    out,
-    resume,
-):
+def _blackbox(model, head, device, dtype, max_length, low_memory):
+    """The frozen model's config; ``--low-memory`` is the edge profile (bf16 forward, small chunks)."""
     from bbfl.experiment import BlackBoxConfig
-    from bbfl.federation.engine import EngineConfig
-    from bbfl.methods.fwdllm.experiment import run_forward_experiment
 
-    engine_cfg = EngineConfig(rounds=rounds, clients_per_round=per_round, eval_every=eval_every, seed=method_cfg.seed)
-    bb_cfg = BlackBoxConfig(
+    return BlackBoxConfig(
         model=model,
         head=head,
         device=device,
@@ -78,6 +61,12 @@ def _run(
         max_length=max_length,
         max_tokens=4096 if low_memory else 32768,  # the batch is chunked to this many tokens per forward
     )
+
+
+def _run(name, data_cfg, method_cfg, engine_cfg, bb_cfg, out, resume):
+    from bbfl.methods.fwdllm.experiment import run_forward_experiment
+
+    rounds = engine_cfg.rounds
     with interrupt_hint(name) as hint, progress_bar() as progress:
         bar = progress.add_task(name, total=rounds)
 
@@ -167,6 +156,7 @@ def fwdllm(
 ) -> None:
     """FwdLLM: clients estimate gradients of PEFT weights from perturbed forward passes; server averages + SGD."""
     from bbfl.experiment import FederatedDataConfig
+    from bbfl.federation.engine import EngineConfig
     from bbfl.methods.fwdllm import FwdLLMConfig
 
     task, rounds = _resumed("fwdllm", resume, task, rounds)
@@ -200,8 +190,11 @@ def fwdllm(
             dp_noise=dp_noise,
             seed=seed,
         )
-        args = (rounds, clients_per_round, eval_every, model, head, device, dtype, max_length, low_memory, out, resume)
-        run, records = _run("fwdllm", data_cfg, method_cfg, *args)
+        engine_cfg = EngineConfig(
+            rounds=rounds, clients_per_round=clients_per_round, eval_every=eval_every, seed=method_cfg.seed
+        )
+        bb_cfg = _blackbox(model, head, device, dtype, max_length, low_memory)
+        run, records = _run("fwdllm", data_cfg, method_cfg, engine_cfg, bb_cfg, out, resume)
     except BBFLError as exc:
         fail(exc)
     _summary("FwdLLM", task, run, records)
@@ -242,6 +235,7 @@ def fedkseed(
 ) -> None:
     """FedKSeed: MeZO steps on K shared seeds; only K scalars go up and down; clients rebuild weights by replay."""
     from bbfl.experiment import FederatedDataConfig
+    from bbfl.federation.engine import EngineConfig
     from bbfl.methods.fedkseed import FedKSeedConfig
 
     task, rounds = _resumed("fedkseed", resume, task, rounds)
@@ -270,8 +264,11 @@ def fedkseed(
             pro=pro,
             seed=seed,
         )
-        args = (rounds, clients_per_round, eval_every, model, head, device, dtype, max_length, low_memory, out, resume)
-        run, records = _run("fedkseed", data_cfg, method_cfg, *args)
+        engine_cfg = EngineConfig(
+            rounds=rounds, clients_per_round=clients_per_round, eval_every=eval_every, seed=method_cfg.seed
+        )
+        bb_cfg = _blackbox(model, head, device, dtype, max_length, low_memory)
+        run, records = _run("fedkseed", data_cfg, method_cfg, engine_cfg, bb_cfg, out, resume)
     except BBFLError as exc:
         fail(exc)
     _summary("FedKSeed", task, run, records)
