@@ -57,6 +57,7 @@ from bbfl.methods.fedbpt.experiment import run_fedbpt_experiment
 
 PAPER = {"perturb_rate": 0.5, "downlink_covariance": True}  # the official fitness ratio and C in the downlink
 RATIO = {"perturb_rate": 0.5}  # the fitness ratio alone: mean and sigma down, no covariance
+PLAIN = {"perturb_rate": 0.0}  # the plain loss (centralised BBT's objective), not the fitness ratio
 SETTINGS = {
     # name: (partition, aggregation, transport, further FedBPTConfig fields)
     "fedbpt-iid": ("iid", "fedbpt", "float32", {}),
@@ -68,6 +69,8 @@ SETTINGS = {
     "fedbpt-iid-paper": ("iid", "fedbpt", "float32", PAPER),
     "fedbpt-dir-paper": ("dirichlet", "fedbpt", "float32", PAPER),
     "fedbpt-iid-ratio": ("iid", "fedbpt", "float32", RATIO),
+    "fedbpt-iid-plain": ("iid", "fedbpt", "float32", PLAIN),
+    "fedbpt-dir-plain": ("dirichlet", "fedbpt", "float32", PLAIN),
     "fedbpt-dir-ratio": ("dirichlet", "fedbpt", "float32", RATIO),
     "fedbpt-iid-replay": ("iid", "fedbpt", "float32", {"uplink": "replay"}),
     "fedbpt-iid-paper-replay": ("iid", "fedbpt", "float32", {**PAPER, "uplink": "replay"}),
