@@ -21,7 +21,11 @@ The paper's settings (fitness ratio with 50% token perturbation, drawn afresh ea
 server covariance in the downlink), 3 seeds, IID and Dirichlet 0.5, next to the plain rule:
 
     python benchmarks/fedbpt_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --seeds 13 42 100 \
-        --rounds 10 --test-limit 500 --settings fedbpt-iid-paper fedbpt-dir-paper fedbpt-iid fedbpt-dir central
+        --rounds 10 --test-limit 500 \
+        --settings fedbpt-iid-paper fedbpt-dir-paper fedbpt-iid-plain fedbpt-dir-plain central
+
+(`fedbpt-iid` / `fedbpt-dir` take FedBPTConfig's default, the fitness ratio since it became the default;
+the MiniLM tables above ran them before that, i.e. with the plain loss, now `fedbpt-*-plain`.)
 
 The fitness ratio alone (no covariance in the downlink, which stays 2 KB), to tell the two apart:
 
@@ -33,6 +37,14 @@ the server's replay seconds per round:
 
     python benchmarks/fedbpt_accuracy.py --seeds 13 --rounds 3 --test-limit 200 --settings fedbpt-iid fedbpt-iid-replay
     python benchmarks/fedbpt_accuracy.py --table results.jsonl    # only print the table of a results file
+
+SmolLM2 on AG News (the README's table): one setting and seed per process, one core each; the
+federated runs score 2 x 41 x 32 x 5 = 13,120 examples, so `central` gets that budget up front and runs
+on its own core (~27 min per federated run, ~18 min per centralised one, on one core):
+
+    python benchmarks/fedbpt_accuracy.py --task agnews --data-dir ../shared/data/agnews --model smollm2 \
+        --prompt-position after_input --seeds S --rounds 5 --k-shot 8 --test-limit 500 --threads 1 \
+        --eval-every 5 --central-examples 13120 --settings X    # X: fedbpt-iid, fedbpt-dir, central, ...
 """
 
 from __future__ import annotations
