@@ -81,9 +81,9 @@ SETTINGS = {
     "fedbpt-iid-paper": ("iid", "fedbpt", "float32", PAPER),
     "fedbpt-dir-paper": ("dirichlet", "fedbpt", "float32", PAPER),
     "fedbpt-iid-ratio": ("iid", "fedbpt", "float32", RATIO),
+    "fedbpt-dir-ratio": ("dirichlet", "fedbpt", "float32", RATIO),
     "fedbpt-iid-plain": ("iid", "fedbpt", "float32", PLAIN),
     "fedbpt-dir-plain": ("dirichlet", "fedbpt", "float32", PLAIN),
-    "fedbpt-dir-ratio": ("dirichlet", "fedbpt", "float32", RATIO),
     "fedbpt-iid-replay": ("iid", "fedbpt", "float32", {"uplink": "replay"}),
     "fedbpt-iid-paper-replay": ("iid", "fedbpt", "float32", {**PAPER, "uplink": "replay"}),
 }

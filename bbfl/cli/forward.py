@@ -66,9 +66,8 @@ def _blackbox(model, head, device, dtype, max_length, low_memory):
 def _run(name, data_cfg, method_cfg, engine_cfg, bb_cfg, out, resume):
     from bbfl.methods.fwdllm.experiment import run_forward_experiment
 
-    rounds = engine_cfg.rounds
     with interrupt_hint(name) as hint, progress_bar() as progress:
-        bar = progress.add_task(name, total=rounds)
+        bar = progress.add_task(name, total=engine_cfg.rounds)
 
         def update(record: dict) -> None:
             progress.update(bar, completed=record["round"])
