@@ -15,6 +15,15 @@ then runs that rate on the full clients and reports test accuracy. The row recor
 accuracy (``dev_acc_by_lr``) and ``lr_chosen_on: "dev"``. With few shots a 20% holdout is a handful of
 examples; ``--dev-k N`` instead draws N more examples per class from the training pool, disjoint from
 the clients' (BBT's "true few-shot" dev), and the clients keep all their examples during the sweep.
+So with ``--dev-k`` the sweep's run at the chosen rate *is* the test run's training (same clients, seed
+and rate): its final weights are scored on test instead of being trained a second time.
+
+Slow models: ``--runs-dir D`` keeps each sweep run in ``D/<task>-<setting>-seed<S>-lr<R>`` and reads a
+finished one back instead of training it again, so the rates can run as separate processes (one per
+core, ``--dev-only``), then one call with every rate picks on dev and scores the chosen run on test:
+
+    python benchmarks/fwdllm_accuracy.py --task agnews ... --dev-k 25 --sweep-lrs 0.005 --runs-dir D --dev-only
+    python benchmarks/fwdllm_accuracy.py --task agnews ... --dev-k 25 --sweep-lrs 0.005 0.0005 --runs-dir D
 
     python benchmarks/fwdllm_accuracy.py --task sst2 --data-dir ../shared/data/sst2 --rounds 3 \
         --settings fwdllm fedkseed --sweep-lrs 0.5 0.05 0.005 --out sweep.jsonl
@@ -73,10 +82,20 @@ def _method_config(args, seed: int, setting: str, lr: float | None):
     return name, cls(peft=args.peft, seed=seed, batch_size=args.batch_size, **overrides)
 
 
-def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
-    """Final accuracy on a dev set from the training pool (the test split is never read).
+def sweep_run_dir(args, seed: int, setting: str, lr: float) -> Path:
+    """Where the sweep's run at this rate lives: under ``--runs-dir`` (kept, and read back when finished)."""
+    if args.runs_dir is None:
+        return Path(tempfile.mkdtemp(prefix=f"bbfl-dev-{setting}-"))
+    path = Path(args.runs_dir) / f"{args.task}-{setting}-seed{seed}-lr{lr:g}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def dev_accuracy(args, seed: int, setting: str, lr: float) -> tuple[float, Path]:
+    """Final accuracy on a dev set from the training pool (the test split is never read), and the run's dir.
 
     The dev set is 20% of each client's examples, or with ``--dev-k`` that many more per class, disjoint.
+    A finished run in ``--runs-dir`` is read back (the engine resumes it with no rounds left).
     """
     name, cfg = _method_config(args, seed, setting, lr)
     engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
@@ -93,33 +112,57 @@ def dev_accuracy(args, seed: int, setting: str, lr: float) -> float:
         )
     blackbox = forward_blackbox(_blackbox_config(args), cfg.peft).build()
     method = forward_method(name, cfg, engine, blackbox, task, trains, dev)  # "test" = dev here
-    records = run_federation(method, engine, tempfile.mkdtemp(prefix=f"bbfl-dev-{name}-"))
-    return records[-1]["test_accuracy"]
+    run_dir = sweep_run_dir(args, seed, setting, lr)
+    records = run_federation(method, engine, run_dir)
+    return records[-1]["test_accuracy"], run_dir
 
 
-def choose_lr(args, seed: int, setting: str) -> tuple[float, dict[str, float]]:
-    scores = {str(lr): dev_accuracy(args, seed, setting, lr) for lr in args.sweep_lrs}
-    best = max(args.sweep_lrs, key=lambda lr: scores[str(lr)])  # ties: the first listed
+def choose_lr(args, seed: int, setting: str) -> tuple[float, dict[str, float], Path]:
+    """The rate with the best final dev accuracy (ties: the first listed), every rate's score, its run."""
+    runs = {lr: dev_accuracy(args, seed, setting, lr) for lr in args.sweep_lrs}
+    scores = {str(lr): acc for lr, (acc, _) in runs.items()}
+    best = max(args.sweep_lrs, key=lambda lr: scores[str(lr)])
     print(json.dumps({"setting": setting, "seed": seed, "dev_acc_by_lr": scores, "chosen_lr": best}), flush=True)
-    return best, scores
+    return best, scores, runs[best][1]
+
+
+def score_sweep_run_on_test(args, seed: int, setting: str, lr: float, run_dir: Path) -> list[dict]:
+    """Round 0 and the final round of a finished ``--dev-k`` sweep run, scored on test.
+
+    With ``--dev-k`` the sweep trained on exactly the clients' examples with this seed and rate, so its
+    final weights are those a test run would train: they are loaded from its checkpoint, not retrained.
+    """
+    name, cfg = _method_config(args, seed, setting, lr)
+    engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
+    task, client_splits, test = prepare_federated_data(_data_config(args), cfg.seed)
+    blackbox = forward_blackbox(_blackbox_config(args), cfg.peft).build()
+    method = forward_method(name, cfg, engine, blackbox, task, client_splits, test)
+    untuned = {"round": 0, **method.evaluate(0)}
+    trained = run_federation(method, engine, run_dir)  # finished: loads the final state, trains nothing
+    if trained[-1]["round"] != args.rounds:
+        raise SystemExit(f"{run_dir} stopped at round {trained[-1]['round']}, not {args.rounds}: rerun the sweep")
+    return [untuned, {**trained[-1], **method.evaluate(args.rounds)}]
 
 
 def run_setting(args, seed: int, setting: str) -> dict:
-    lr, dev_scores = args.lr, None
+    lr, dev_scores, sweep_run = args.lr, None, None
     if args.sweep_lrs:
-        lr, dev_scores = choose_lr(args, seed, setting)
+        lr, dev_scores, sweep_run = choose_lr(args, seed, setting)
     name, cfg = _method_config(args, seed, setting, lr)
-    data = _data_config(args)
-    engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
-    bb = _blackbox_config(args)
     start = time.perf_counter()
-    _, records = run_forward_experiment(name, data, cfg, engine, bb, tempfile.mkdtemp(prefix=f"bbfl-{name}-"))
+    if sweep_run is not None and args.dev_k:
+        records = score_sweep_run_on_test(args, seed, setting, lr, sweep_run)
+    else:
+        data, bb = _data_config(args), _blackbox_config(args)
+        engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
+        _, records = run_forward_experiment(name, data, cfg, engine, bb, tempfile.mkdtemp(prefix=f"bbfl-{name}-"))
     last = records[-1]
     chosen = {"lr_chosen_on": "dev", "dev_acc_by_lr": dev_scores} if dev_scores else {"lr_chosen_on": "fixed"}
     return {
         "setting": setting,
         "lr": cfg.lr,
         **chosen,
+        "trained_in_sweep": sweep_run is not None and bool(args.dev_k),
         "seed": seed,
         "task": args.task,
         "model": args.model,
@@ -167,6 +210,8 @@ def main() -> None:
     parser.add_argument(
         "--dev-k", type=int, default=None, help="sweep dev: this many more per class, disjoint (default: 20%% holdout)"
     )
+    parser.add_argument("--runs-dir", default=None, help="keep sweep runs here; a finished one is read back")
+    parser.add_argument("--dev-only", action="store_true", help="only run the sweep and print dev accuracies")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--k-shot", type=int, default=100)
@@ -181,13 +226,19 @@ def main() -> None:
         print_table(Path(args.table))
         return
     out = Path(args.out)
+    if args.dev_only and not args.sweep_lrs:
+        parser.error("--dev-only needs --sweep-lrs")
     for seed in args.seeds:
         for setting in args.settings:
+            if args.dev_only:
+                choose_lr(args, seed, setting)
+                continue
             result = run_setting(args, seed, setting)
             with out.open("a") as f:
                 f.write(json.dumps(result) + "\n")
             print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
-    print_table(out)
+    if not args.dev_only:
+        print_table(out)
 
 
 if __name__ == "__main__":
