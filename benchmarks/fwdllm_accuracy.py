@@ -82,12 +82,30 @@ def _method_config(args, seed: int, setting: str, lr: float | None):
     return name, cls(peft=args.peft, seed=seed, batch_size=args.batch_size, **overrides)
 
 
+# what a sweep run's training depends on besides setting, seed and rate: a kept run made with other values
+# must not be read back as this one
+SWEEP_RUN_KEYS = (
+    "task", "data_dir", "model", "peft", "k_shot", "dev_k", "clients", "rounds", "batch_size", "max_length",
+)  # fmt: skip
+
+
 def sweep_run_dir(args, seed: int, setting: str, lr: float) -> Path:
     """Where the sweep's run at this rate lives: under ``--runs-dir`` (kept, and read back when finished)."""
     if args.runs_dir is None:
         return Path(tempfile.mkdtemp(prefix=f"bbfl-dev-{setting}-"))
     path = Path(args.runs_dir) / f"{args.task}-{setting}-seed{seed}-lr{lr:g}"
-    path.mkdir(parents=True, exist_ok=True)
+    made_with = {key: getattr(args, key) for key in SWEEP_RUN_KEYS}
+    record = path / "sweep.json"
+    if record.is_file():
+        kept = json.loads(record.read_text())
+        differ = {k: (kept.get(k), v) for k, v in made_with.items() if kept.get(k) != v}
+        if differ:
+            raise SystemExit(f"{path} was made with other settings (kept, now): {differ}; use another --runs-dir")
+    elif path.exists() and any(path.iterdir()):
+        raise SystemExit(f"{path} holds a run without sweep.json: cannot tell what it was made with")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(made_with, indent=1))
     return path
 
 

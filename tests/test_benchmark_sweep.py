@@ -10,6 +10,8 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import shared_task_dir
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fwdllm_accuracy.py"
@@ -60,3 +62,6 @@ def test_chosen_sweep_run_scored_on_test_equals_a_fresh_test_run(tmp_path):
     again = bench.run_setting(_args(sweep_lrs=[lr], runs_dir=str(tmp_path)), 13, "fedkseed")
     assert again["dev_acc_by_lr"] == reused["dev_acc_by_lr"]
     assert (run_dir / "server_state.safetensors").stat().st_mtime_ns == stamp
+    # a kept run made with other settings is refused, not read back as this one
+    with pytest.raises(SystemExit, match="made with other settings.*k_shot"):
+        bench.run_setting(_args(sweep_lrs=[lr], runs_dir=str(tmp_path), k_shot=5), 13, "fedkseed")
