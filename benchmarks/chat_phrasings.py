@@ -16,17 +16,15 @@ Label words must be single tokens of the model (the chat scorer compares whole t
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bbfl.blackbox.openai import OpenAIBlackBox
 from bbfl.data import load_task
 from bbfl.methods.losses import accuracy
-from bbfl.processes import free_port, start_server_process
+from bbfl.serve import spawn_server
 
 QUESTION = "Answer with one word."
 CANDIDATES = {
@@ -48,14 +46,6 @@ CANDIDATES = {
 }
 
 
-def start_bbfl_serve(model: str, max_length: int) -> tuple[object, str]:
-    port = free_port()
-    exe = Path(sys.executable).with_name("bbfl")
-    cmd = [str(exe), "serve", "--model", model, "--port", str(port), "--no-auth", "--max-length", str(max_length)]
-    url = f"http://127.0.0.1:{port}"
-    return start_server_process(cmd, url, timeout=300), f"{url}/v1"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="agnews", choices=sorted(CANDIDATES))
@@ -67,7 +57,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()
-    server, base_url = (None, args.base_url) if args.base_url else start_bbfl_serve(args.model, args.max_length)
+    server, base_url = None, args.base_url
+    if base_url is None:  # a first load converts the GGUF file: allow it minutes
+        server, url = spawn_server(["--model", args.model, "--max-length", str(args.max_length)], timeout=300)
+        base_url = f"{url}/v1"
     try:
         with tempfile.TemporaryDirectory() as cache:
             for template, words in CANDIDATES[args.task]:

@@ -74,6 +74,10 @@ def _blackbox_config(args) -> BlackBoxConfig:
     return BlackBoxConfig(model=args.model, max_length=args.max_length)
 
 
+def _engine_config(args, seed: int) -> EngineConfig:
+    return EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
+
+
 def _method_config(args, seed: int, setting: str, lr: float | None):
     name, overrides = SETTINGS[setting]
     cls = FwdLLMConfig if name == "fwdllm" else FedKSeedConfig
@@ -116,7 +120,7 @@ def dev_accuracy(args, seed: int, setting: str, lr: float) -> tuple[float, Path]
     A finished run in ``--runs-dir`` is read back (the engine resumes it with no rounds left).
     """
     name, cfg = _method_config(args, seed, setting, lr)
-    engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
+    engine = _engine_config(args, seed)
     task, client_splits, _ = prepare_federated_data(_data_config(args), cfg.seed)
     if args.dev_k:
         # the same draw as the clients' pool (same seed, same per-class permutation), then dev_k more per class
@@ -151,7 +155,7 @@ def score_sweep_run_on_test(args, seed: int, setting: str, lr: float, run_dir: P
     final weights are those a test run would train: they are loaded from its checkpoint, not retrained.
     """
     name, cfg = _method_config(args, seed, setting, lr)
-    engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
+    engine = _engine_config(args, seed)
     task, client_splits, test = prepare_federated_data(_data_config(args), cfg.seed)
     blackbox = forward_blackbox(_blackbox_config(args), cfg.peft).build()
     method = forward_method(name, cfg, engine, blackbox, task, client_splits, test)
@@ -172,7 +176,7 @@ def run_setting(args, seed: int, setting: str) -> dict:
         records = score_sweep_run_on_test(args, seed, setting, lr, sweep_run)
     else:
         data, bb = _data_config(args), _blackbox_config(args)
-        engine = EngineConfig(rounds=args.rounds, seed=seed, eval_every=args.eval_every)
+        engine = _engine_config(args, seed)
         _, records = run_forward_experiment(name, data, cfg, engine, bb, tempfile.mkdtemp(prefix=f"bbfl-{name}-"))
     last = records[-1]
     chosen = {"lr_chosen_on": "dev", "dev_acc_by_lr": dev_scores} if dev_scores else {"lr_chosen_on": "fixed"}
