@@ -70,3 +70,38 @@ def test_a_prompt_over_the_context_is_a_422_not_a_cut_off_answer(llama, monkeypa
     assert chat.status_code == 422 and "tokens > limit 128" in chat.text, chat.text
     assert completion.status_code == 422 and "prompt 1:" in completion.text, completion.text
     assert fits.status_code == 200
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_next_token_logprobs_equal_the_models_own_forward(tiny_models, name):
+    """Prompts of different lengths in one request run sorted and split into length groups (a budget of 24
+    padded tokens forces several), read only at their read-out position: each must equal the model's own
+    forward of that prompt alone - causal LMs after the last token, MLMs at the mask."""
+    import torch
+
+    from bbfl.blackbox.loading import mlm_head
+    from bbfl.serve import ServeLimits
+
+    bb = LocalBlackBox(str(tiny_models[name]))
+    words = "a fine film with a long and winding plot that goes nowhere".split()
+    prompts = [" ".join(words[:n]) for n in (12, 2, 7, 3, 10)]
+    if bb.head == "mlm":
+        prompts = [f"{p} {bb.tokenizer.mask_token} ." for p in prompts]
+    limits = ServeLimits(next_token_group_tokens=24)
+    with TestClient(create_app(bb, token=None, limits=limits)) as client:
+        resp = client.post("/v1/completions", json={"prompt": prompts, "logprobs": 5})
+    assert resp.status_code == 200, resp.text
+    served = [c["logprobs"]["top_logprobs"][0] for c in resp.json()["choices"]]
+    for prompt, table in zip(prompts, served):
+        ids = bb.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            if bb.head == "mlm":
+                hidden = bb.body(input_ids=ids).last_hidden_state[0]
+                logits = mlm_head(bb.model)(hidden[ids[0] == bb.tokenizer.mask_token_id][0])
+            else:
+                logits = bb.model(input_ids=ids).logits[0, -1]
+        own = torch.log_softmax(logits.float(), -1)
+        top = torch.topk(own, 5)
+        expected = {bb.tokenizer.decode([int(j)]): float(v) for v, j in zip(top.values, top.indices)}
+        assert table.keys() == expected.keys(), (prompt, table, expected)
+        assert all(table[t] == pytest.approx(expected[t], abs=1e-4) for t in table)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bbfl.blackbox.loading import mlm_head
 from bbfl.serve import validate
 from bbfl.serve.validate import APIError
 
@@ -195,32 +196,50 @@ class OpenAICompatible:
         if bb.head == "mlm":
             mask = bb.tokenizer.mask_token
             texts = [t if mask in t else f"{t} {mask}" for t in texts]
+            encoded = bb.tokenizer(texts, truncation=True, max_length=bb.max_length, verbose=False)["input_ids"]
+            for i, ids in enumerate(encoded):
+                if bb.tokenizer.mask_token_id not in ids:
+                    raise APIError(422, f"prompt {i}: the mask token was truncated away (over {bb.max_length} "
+                                   "tokens)", "prompt")  # fmt: skip
         else:  # the next token follows the prompt's end: a cut-off prompt would answer a different question
-            for i, ids in enumerate(bb.tokenizer(texts, truncation=False, verbose=False)["input_ids"]):
+            encoded = bb.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+            for i, ids in enumerate(encoded):
                 _refuse_over_limit(i, len(ids), bb.max_length)
-        rows = self.next_token_batcher.submit(texts)
-        return torch.stack([row for row, _ in rows]), sum(count for _, count in rows)
+        rows = self.next_token_batcher.submit([list(ids) for ids in encoded])
+        return torch.stack(rows), sum(len(ids) for ids in encoded)
 
-    def _next_token_logprobs(self, texts: list[str]) -> list[tuple[torch.Tensor, int]]:
-        """(next-token log-probabilities [V], token count) per text, in one padded forward."""
-        bb = self.bb
+    def _next_token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Next-token log-probabilities [V] per token-id sequence: at its first mask (MLM) or after its end.
+
+        The sequences run sorted by length, in groups of at most ``next_token_group_tokens`` padded tokens,
+        so that a short prompt merged with a long one is not padded to it; and only the read-out position goes
+        through the output layer (all [N, T, V] logits would cost a small LM a fifth more compute and N·T·V
+        floats of memory for the one row per text that is read).
+        """
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        rows: list[torch.Tensor | None] = [None] * len(sequences)
         with self.lock, torch.inference_mode():
-            enc = bb.tokenizer(texts, padding=True, truncation=True, max_length=bb.max_length, return_tensors="pt")
-            ids, attn = enc["input_ids"].to(bb.device), enc["attention_mask"].to(bb.device)
-            if bb.head == "mlm":
-                hit = ids == bb.tokenizer.mask_token_id
-                if not bool(hit.any(1).all()):
-                    raise APIError(422, f"the mask token was truncated away (over {bb.max_length} tokens)", "prompt")
-                where = hit.float().argmax(1)  # the first mask of each text
-            else:
-                if bb.tokenizer.padding_side == "left":
-                    where = torch.full((len(texts),), ids.shape[1] - 1, device=bb.device)
-                else:
-                    where = attn.sum(1) - 1
-            logits = bb.model(input_ids=ids, attention_mask=attn).logits
-            picked = logits[torch.arange(len(texts), device=bb.device), where.long()]
-            logp = torch.log_softmax(picked.float(), -1).cpu()
-            return list(zip(logp, attn.sum(1).tolist()))
+            for group in _length_groups(order, [len(s) for s in sequences], self.limits.next_token_group_tokens):
+                for i, row in zip(group, self._read_next_token([sequences[i] for i in group])):
+                    rows[i] = row
+        return rows
+
+    def _read_next_token(self, sequences: list[list[int]]) -> torch.Tensor:
+        """[N, V] log-probabilities at each sequence's read-out position, from one right-padded forward."""
+        bb = self.bb
+        ids = torch.full((len(sequences), max(len(s) for s in sequences)), bb._pad_id(), dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, seq in enumerate(sequences):
+            ids[i, : len(seq)], attn[i, : len(seq)] = torch.tensor(seq), 1
+        if bb.head == "mlm":
+            where = (ids == bb.tokenizer.mask_token_id).float().argmax(1)  # the first mask of each sequence
+        else:  # right padding keeps the real tokens at positions 0..n-1, as when each runs alone
+            where = attn.sum(1) - 1
+        ids, attn = ids.to(bb.device), attn.to(bb.device)
+        hidden = bb.body(input_ids=ids, attention_mask=attn).last_hidden_state
+        picked = hidden[torch.arange(len(sequences), device=bb.device), where.to(bb.device)]
+        head = bb.model.get_output_embeddings() if bb.head == "causal" else mlm_head(bb.model)
+        return torch.log_softmax(head(picked).float(), -1).cpu()
 
     def _decode(self, token_id: int) -> str:
         return self.bb.tokenizer.decode([token_id])
@@ -245,6 +264,18 @@ class OpenAICompatible:
 
 def _entry(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _length_groups(order: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Split ``order`` (indices sorted by length, shortest first) into runs whose padded size (count × the
+    run's longest) stays within ``max_tokens``; a sequence longer than that runs alone."""
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _refuse_over_limit(index: int, n_tokens: int, max_length: int) -> None:

@@ -37,6 +37,7 @@ class ServeLimits:
     max_top_logprobs: int = 20  # OpenAI's own cap
     max_prompt_length: int = 256  # L: soft-prompt tokens (they add to the model's position budget)
     max_batch_texts: int = 64  # texts per batched forward, summed over the concurrent requests merged into it
+    next_token_group_tokens: int = 4096  # padded tokens per forward of a next-token batch (sorted by length)
     batch_wait_ms: float = 2.0  # after a text request arrives, wait this long for others to share its forward
     max_classes: int = 64  # classes per task: each is a label word / description the model reads for every request
     body_timeout_s: float = 30.0  # a body that stops arriving before its Content-Length is cut off (408)
