@@ -119,10 +119,7 @@ class OpenAICompatible:
         bb = self.bb
         sequences, ks = [seq for seq, _ in items], [k for _, k in items]
         k = max(ks)
-        ids = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, seq in enumerate(sequences):
-            ids[i, : len(seq)], attn[i, : len(seq)] = torch.tensor(seq), 1
+        ids, attn = _right_padded(sequences, bb._pad_id())
         with self.lock, torch.inference_mode():
             logits = bb.model(input_ids=ids.to(bb.device), attention_mask=attn.to(bb.device)).logits[:, :-1].float()
             norm = torch.logsumexp(logits, -1, keepdim=True)  # log-softmax without a second [N, T, V] tensor
@@ -227,10 +224,7 @@ class OpenAICompatible:
     def _read_next_token(self, sequences: list[list[int]]) -> torch.Tensor:
         """[N, V] log-probabilities at each sequence's read-out position, from one right-padded forward."""
         bb = self.bb
-        ids = torch.full((len(sequences), max(len(s) for s in sequences)), bb._pad_id(), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, seq in enumerate(sequences):
-            ids[i, : len(seq)], attn[i, : len(seq)] = torch.tensor(seq), 1
+        ids, attn = _right_padded(sequences, bb._pad_id())
         if bb.head == "mlm":
             where = (ids == bb.tokenizer.mask_token_id).float().argmax(1)  # the first mask of each sequence
         else:  # right padding keeps the real tokens at positions 0..n-1, as when each runs alone
@@ -264,6 +258,15 @@ class OpenAICompatible:
 
 def _entry(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, T] token ids padded on the right with ``pad_id``, and the [N, T] attention mask."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)], attn[i, : len(seq)] = torch.tensor(seq), 1
+    return ids, attn
 
 
 def _length_groups(order: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
