@@ -2,7 +2,7 @@
 
 ``LocalBlackBox.forward`` sorts the examples by length and runs them in chunks of at most ``max_tokens``
 padded cells. A chunk also ends, once it holds ``MIN_CHUNK_TOKENS`` cells, where the next example would
-make more than ``MAX_PADDING_RATIO`` padded cells per real one (``bbfl/blackbox/local.py``). Without
+make more than ``MAX_PADDING_RATIO`` padded cells per real one (``bbfl/blackbox/chunking.py``). Without
 that rule (``MAX_PADDING_RATIO = inf``, the old behaviour) one prompt over a test set, or a whole CMA-ES
 population over 32 examples, ran as one or two forwards padded to the longest example. The same function
 at the same precision either way; the scores are compared and each path is timed twice, alternating.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-import bbfl.blackbox.local as local
+import bbfl.blackbox.chunking as chunking
 from bbfl.data import load_task
 from bbfl.experiment import BlackBoxConfig
 
@@ -37,7 +37,7 @@ CASES = [  # (model, prompt position, task, population or None = one empty promp
 
 
 def time_forward(bb, prompts, enc, ratio: float) -> tuple[float, torch.Tensor]:
-    local.MAX_PADDING_RATIO = ratio
+    chunking.MAX_PADDING_RATIO = ratio
     start = time.perf_counter()
     with torch.inference_mode():
         scores = bb.forward(prompts, enc)
@@ -52,8 +52,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, nargs="+", default=list(range(len(CASES))), help="rows to run (0-based)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    default = local.MAX_PADDING_RATIO
-    print(f"{args.threads} thread(s), max_tokens 32768, MIN_CHUNK_TOKENS {local.MIN_CHUNK_TOKENS}")
+    default = chunking.MAX_PADDING_RATIO
+    print(f"{args.threads} thread(s), max_tokens 32768, MIN_CHUNK_TOKENS {chunking.MIN_CHUNK_TOKENS}")
     header = "| model, placement, task | scored | max_tokens only (s) | padding-bounded (s) | speed-up | max diff |"
     print(header)
     print("|---|---|---|---|---|---|")
@@ -72,7 +72,7 @@ def main() -> None:
             for ratio in times:
                 seconds, scores[ratio] = time_forward(bb, prompts, enc, ratio)
                 times[ratio].append(seconds)
-        local.MAX_PADDING_RATIO = default
+        chunking.MAX_PADDING_RATIO = default
         old, new = (statistics.median(v) for v in times.values())
         diff = float((scores[float("inf")] - scores[default]).abs().max())
         scored = f"{population} prompts x {n}" if population else f"1 prompt x {n}"

@@ -275,13 +275,13 @@ def test_chunks_cover_every_example_within_the_token_cap_and_end_at_padding_wast
     MAX_PADDING_RATIO, so mixed lengths are not padded to the longest (one chunk, before)."""
     import random
 
-    from bbfl.blackbox.local import MAX_PADDING_RATIO, _chunks
+    from bbfl.blackbox.chunking import MAX_PADDING_RATIO, chunks
 
     rng = random.Random(0)
     lengths = sorted(rng.randint(8, 128) for _ in range(500))
     for n_cand, max_tokens in ((1, 32768), (20, 32768), (3, 700)):
         seen = [[] for _ in range(n_cand)]
-        for cand, ex in _chunks(n_cand, lengths, max_tokens, min_tokens=2048):
+        for cand, ex in chunks(n_cand, lengths, max_tokens, min_tokens=2048):
             width, count = cand.stop - cand.start, ex.stop - ex.start
             assert count == 1 or width * count * lengths[ex.stop - 1] <= max_tokens
             padded, real = width * count * lengths[ex.stop - 1], width * sum(lengths[ex])
@@ -289,6 +289,6 @@ def test_chunks_cover_every_example_within_the_token_cap_and_end_at_padding_wast
             for c in range(cand.start, cand.stop):
                 seen[c].extend(range(ex.start, ex.stop))
         assert all(s == list(range(len(lengths))) for s in seen)
-    one = list(_chunks(1, lengths, 32768, min_tokens=2048))
+    one = list(chunks(1, lengths, 32768, min_tokens=2048))
     padded = sum((ex.stop - ex.start) * lengths[ex.stop - 1] for _, ex in one)
     assert padded <= 1.1 * sum(lengths)  # the old rule padded ~1.3x here (two chunks up to 32768 cells)

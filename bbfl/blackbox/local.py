@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bbfl.blackbox import chunking
 from bbfl.blackbox.base import QueryCounter
 from bbfl.blackbox.causal import (
     PROMPT_POSITIONS,
@@ -292,7 +293,7 @@ class LocalBlackBox:
             prompts = prompts[:, data.order.to(prompts.device)]  # into the length order of data.input_ids
         n_cand, n_prompt = prompts.shape[0], prompts.shape[-2]
         rows, row = [], []
-        for cand, ex in _chunks(n_cand, [len(t) + n_prompt for t in data.input_ids], self.max_tokens):
+        for cand, ex in chunking.chunks(n_cand, [len(t) + n_prompt for t in data.input_ids], self.max_tokens):
             chunk = prompts[cand, ex] if paired else prompts[cand]
             row.append(self._score_chunk(chunk, data, ex).float())
             if ex.stop == len(data):  # this candidate chunk has seen every example
@@ -363,10 +364,6 @@ class LocalBlackBox:
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
 
-MIN_CHUNK_TOKENS = 2048  # padded cells a chunk holds before padding waste may end it
-MAX_PADDING_RATIO = 1.05  # padded / real cells above which a full chunk ends (measured: benchmarks/padding_chunks.py)
-
-
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(hidden.dtype)
     return (hidden * weights[..., None]).sum(-2) / weights.sum(-1, keepdim=True).clamp(min=1)
@@ -376,32 +373,3 @@ def _keep_mask_in_view(ids: list[int], mask_id: int, text: str) -> list[int]:
     if mask_id not in ids:
         raise ConfigError(f"the [MASK] token was truncated away; raise max_length (example: {text[:60]!r}...)")
     return ids
-
-
-def _chunks(n_cand: int, lengths: list[int], max_tokens: int, min_tokens: int = MIN_CHUNK_TOKENS):
-    """Yield (candidate slice, example slice) pairs whose padded size stays under ``max_tokens``.
-
-    ``lengths`` are sorted ascending, so a chunk's padded length is its last example's length. A chunk
-    also ends, once it holds ``min_tokens`` padded cells (enough to keep the matrix products efficient),
-    where the next example would make more than 5% of its cells padding: one prompt over a test set
-    of mixed lengths (AG News: 30 to 128 tokens) would otherwise run as one forward padded to the longest.
-    """
-    longest = max(lengths)
-    cand_step = max(1, min(n_cand, max_tokens // longest))
-    for c0 in range(0, n_cand, cand_step):
-        cand = slice(c0, min(n_cand, c0 + cand_step))
-        width = cand.stop - cand.start
-        start = 0
-        while start < len(lengths):
-            stop, real = start + 1, lengths[start]
-            while stop < len(lengths):
-                padded = width * (stop + 1 - start) * lengths[stop]
-                if padded > max_tokens:
-                    break
-                full = width * (stop - start) * lengths[stop - 1] >= min_tokens
-                if full and padded > MAX_PADDING_RATIO * width * (real + lengths[stop]):
-                    break
-                real += lengths[stop]
-                stop += 1
-            yield cand, slice(start, stop)
-            start = stop
