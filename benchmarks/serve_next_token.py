@@ -1,12 +1,13 @@
 """What `bbfl serve`'s next-token batching costs: grouped by length and read at one position vs. one padded forward.
 
 Concurrent chat / completions requests are merged into one batch. The server's
-:meth:`~bbfl.serve.server.Server._next_token_logprobs` runs that batch sorted by length, in groups of at
-most ``next_token_group_tokens`` padded tokens, and sends only each text's last position through the output
-layer. The reference here is the plain way: one forward of the whole batch right-padded to its longest text,
-all [N, T, V] logits, then the row after each text's end. Both give the same function (fp32 log-probabilities
-of the next token); the benchmark checks that and times each, alternating, on N real AG News training
-articles in the chat phrasing of ``examples/specs/agnews-chat.toml`` through the model's chat template.
+:meth:`~bbfl.serve.server.Server._next_token_logprobs` runs that batch sorted by length, cut by
+:func:`~bbfl.blackbox.chunking.chunks` (at most ``next_token_group_tokens`` padded tokens per forward), and
+sends only each text's last position through the output layer. The reference here is the plain way: one
+forward of the whole batch right-padded to its longest text, all [N, T, V] logits, then the row after each
+text's end. Both give the same function (fp32 log-probabilities of the next token); the benchmark checks
+that and times each, alternating, on N real AG News training articles in the chat phrasing of
+``examples/specs/agnews-chat.toml`` through the model's chat template.
 
     OMP_NUM_THREADS=1 python benchmarks/serve_next_token.py --model smollm2 --texts 48
 """

@@ -345,8 +345,12 @@ class LocalBlackBox:
             pooled = F.normalize(_mean_pool(hidden.float(), mask), dim=-1)
             return self.similarity_scale * pooled @ self.label_matrix.T
         picked = hidden[:, torch.arange(hidden.shape[1], device=hidden.device), read_at]  # [p, b, H]
+        return self.token_head(picked)[..., self.label_ids].float()
+
+    def token_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of hidden states: the causal LM's output embeddings, or the masked-LM head."""
         head = self.model.get_output_embeddings() if self.head == "causal" else mlm_head(self.model)
-        return head(picked)[..., self.label_ids].float()
+        return head(hidden)
 
     def _prompt_ids(self, length: int) -> torch.Tensor | None:
         # the tokens at the prompt positions under the official placement; None = prompts are word embeddings

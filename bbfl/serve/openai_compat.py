@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bbfl.blackbox.loading import mlm_head
+from bbfl.blackbox import chunking
 from bbfl.serve import validate
 from bbfl.serve.validate import APIError
 
@@ -202,22 +202,24 @@ class OpenAICompatible:
             encoded = bb.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
             for i, ids in enumerate(encoded):
                 _refuse_over_limit(i, len(ids), bb.max_length)
-        rows = self.next_token_batcher.submit([list(ids) for ids in encoded])
+        rows = self.next_token_batcher.submit(encoded)
         return torch.stack(rows), sum(len(ids) for ids in encoded)
 
     def _next_token_logprobs(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Next-token log-probabilities [V] per token-id sequence: at its first mask (MLM) or after its end.
 
-        The sequences run sorted by length, in groups of at most ``next_token_group_tokens`` padded tokens,
+        The sequences run sorted by length, cut as :func:`~bbfl.blackbox.chunking.chunks` cuts a scoring call
+        (at most ``next_token_group_tokens`` padded tokens per forward, ending where padding would pass 5%),
         so that a short prompt merged with a long one is not padded to it; and only the read-out position goes
         through the output layer (all [N, T, V] logits would cost a small LM a fifth more compute and N·T·V
         floats of memory for the one row per text that is read).
         """
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        lengths = [len(sequences[i]) for i in order]
         rows: list[torch.Tensor | None] = [None] * len(sequences)
         with self.lock, torch.inference_mode():
-            for group in _length_groups(order, [len(s) for s in sequences], self.limits.next_token_group_tokens):
-                for i, row in zip(group, self._read_next_token([sequences[i] for i in group])):
+            for _, group in chunking.chunks(1, lengths, self.limits.next_token_group_tokens):
+                for i, row in zip(order[group], self._read_next_token([sequences[i] for i in order[group]])):
                     rows[i] = row
         return rows
 
@@ -232,8 +234,7 @@ class OpenAICompatible:
         ids, attn = ids.to(bb.device), attn.to(bb.device)
         hidden = bb.body(input_ids=ids, attention_mask=attn).last_hidden_state
         picked = hidden[torch.arange(len(sequences), device=bb.device), where.to(bb.device)]
-        head = bb.model.get_output_embeddings() if bb.head == "causal" else mlm_head(bb.model)
-        return torch.log_softmax(head(picked).float(), -1).cpu()
+        return torch.log_softmax(bb.token_head(picked).float(), -1).cpu()
 
     def _decode(self, token_id: int) -> str:
         return self.bb.tokenizer.decode([token_id])
@@ -267,18 +268,6 @@ def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)], attn[i, : len(seq)] = torch.tensor(seq), 1
     return ids, attn
-
-
-def _length_groups(order: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Split ``order`` (indices sorted by length, shortest first) into runs whose padded size (count × the
-    run's longest) stays within ``max_tokens``; a sequence longer than that runs alone."""
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def _refuse_over_limit(index: int, n_tokens: int, max_length: int) -> None:
